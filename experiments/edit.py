@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from experiments.cli_options import add_edit_options, add_model_data_options, edit_overrides
 from experiments.pipeline import load_job_model, load_job_requests, new_run_dir, run_edit_job
 from experiments.presets import edit_config
+from locft_jax.augment import retain_requests
+from locft_jax.data import load_requests
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate import markdown_table
 
@@ -18,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: runs/edit-<time>/)")
     parser.add_argument("--export-hf", action="store_true", help="write OUT/hf, a transformers checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--retain", help="requests file: its prompts keep the unedited model's answers (retain rows)")
+    parser.add_argument(
+        "--preserve", help="text file, one passage per line, that null-space projection keeps (--set null_space_tol=…)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +37,13 @@ def run(args: argparse.Namespace) -> int:
         config = edit_config(model.config, args.preset, **edit_overrides(args))
     job = {"name": "edit", "model": args.model or "embedded:SmolLM2-135M-Instruct", "data": args.data,
            "edits": len(requests), "argv": vars(args)}
-    out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume)
+    retain = []
+    if args.retain:
+        prompts = [r.prompt for r in load_requests(args.retain).requests]
+        retain = retain_requests(model.params, model.config, model.tokenizer, prompts)
+    preserve = [line for line in Path(args.preserve).read_text().splitlines() if line.strip()] if args.preserve else []
+    out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
+                       retain=retain, preserve=preserve)
     print(markdown_table(out.evaluation))
     print(f"run directory: {run_dir}")
     return 0

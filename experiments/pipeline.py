@@ -63,13 +63,18 @@ def run_edit_job(
     export: bool = True,
     resume: bool = False,
     styles: tuple[str, ...] = EVAL_STYLES,
+    retain: list[EditRequest] | tuple = (),
+    preserve: list[str] | tuple = (),
 ) -> JobResult:
-    """Edit, evaluate (pre-edit snapshot taken first), write report files and the HF export."""
+    """Edit, evaluate (pre-edit snapshot taken first), write report files and the HF export.
+
+    ``retain`` / ``preserve``: passed to ``edit`` (retain rows; null-space texts).
+    """
     (run_dir / "config.json").write_text(json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
     result = edit(
         model, requests, config, checkpoint_dir=run_dir / "checkpoints", resume=resume, progress=True,
-        log_path=run_dir / "log.jsonl",
+        log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve,
     )
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
     write_report(evaluation, run_dir)

@@ -3,7 +3,9 @@
 Variants (each adds one exact term to the training data; see ``locft_jax.augment``):
 ``plain`` (the preset's recipe), ``+retain`` (neighbours: the same relation for subjects not
 edited in this run, trained towards the pre-edit model's own answers), ``+paraphrase`` (train on
-rephrases other than the one evaluated), ``+prefix`` (the paper's prefix augmentation), ``all``.
+rephrases other than the one evaluated), ``+prefix`` (the paper's prefix augmentation),
+``+null-space`` (updates projected off the neighbours' inputs to the edited tensor; see
+``locft_jax.engine.null_space``; ``null_space_tol`` from the config, 1e-3 when unset), ``all``.
 Generalization is scored on a rephrase never trained on; locality on the data set's held-out
 locality prompts (never edited, never retained).
 """
@@ -25,7 +27,8 @@ from locft_jax.evaluate.capability import perplexity
 
 DATA = Path(__file__).parent / "data"
 RELATIONS = {"capital": DATA / "country_capitals.json", "language": DATA / "country_languages.json"}
-VARIANTS = ("plain", "+retain", "+paraphrase", "+prefix", "all")
+VARIANTS = ("plain", "+retain", "+paraphrase", "+prefix", "+null-space", "all")
+DEFAULT_NULL_SPACE_TOL = 1e-3
 COLUMNS = {
     "generation/reliability": "reliability",
     "generation/generalization": "generalization",
@@ -62,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
         retain = retain_requests(model.params, model.config, model.tokenizer, [r.prompt for r in neighbours])
         for variant in args.variants:
             train, keep = training_rows(variant, requests, retain, config.seed)
-            result = edit(model, train, config, retain=keep, progress=True)
+            variant_config, preserve = config, ()
+            if variant in ("+null-space", "all"):
+                variant_config = config.replace(null_space_tol=config.null_space_tol or DEFAULT_NULL_SPACE_TOL)
+                # edit() adds the retain rows' texts itself
+                preserve = [] if keep else [f"{r.prompt} {r.target_new}" for r in retain]
+            result = edit(model, train, variant_config, retain=keep, preserve=preserve, progress=True)
             ev = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre,
                                    styles=("teacher_forced", "generation"))
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value

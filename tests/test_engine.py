@@ -208,6 +208,8 @@ def test_retain_rows_are_weighted_and_keep_their_answers(tiny):
     keep = retain_requests(tiny.params, tiny.config, tiny.tokenizer, ["The sky is", "Two plus two is"], 4)
     ds = prepare_dataset(tiny.tokenizer, REQUESTS, retain=keep, retain_weight=0.5)
     assert list(ds.weight) == [1.0] * len(REQUESTS) + [0.5] * len(keep)
+    with pytest.raises(RequestError, match="retain record 0: prompt 'Q' is also edited \\(record 6\\)"):
+        prepare_dataset(tiny.tokenizer, REQUESTS, retain=[EditRequest("Q", "B")])
     eos = tiny.tokenizer.eos_token_id
     assert all(ds.target_ids[i][ds.target_mask[i]][-1] != eos for i in range(len(REQUESTS), len(ds)))
 

@@ -52,6 +52,22 @@ def test_edit_cli_writes_config_log_metrics_and_export(tiny_llama_dir, tmp_path)
     assert (out / "hf" / "model.safetensors").exists()
 
 
+def test_edit_cli_takes_retain_prompts_and_null_space_texts(tiny_llama_dir, tmp_path):
+    preserve = tmp_path / "preserve.txt"
+    preserve.write_text("The sky is blue.\n\nWater is wet.\n")
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text('{"prompt": "The capital of Peru is", "target_new": "x"}\n')
+    out = tmp_path / "run"
+    code = main([
+        "edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "4", "--layer", "2",
+        "--epochs", "1", "--batch-size", "4", "--retain", str(retain), "--preserve", str(preserve),
+        "--set", "null_space_tol=1e-6", "--set", "retain_weight=0.5", "--out", str(out),
+    ])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["edit_config"]["null_space_tol"] == 1e-6
+    assert json.loads((out / "metrics.json").read_text())["post"]["teacher_forced/reliability"]["count"] == 4
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

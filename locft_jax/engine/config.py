@@ -23,6 +23,8 @@ class EditConfig:
     ``retain_weight``: loss weight of the retain rows passed to ``edit(..., retain=...)``.
     ``early_stop_reliability``: every ``check_every`` epochs, greedy-decode a fixed sample of up to
     64 edit prompts and stop once this share answers the new target exactly (0 = off).
+    ``null_space_tol``: project every update onto the null space of the edited tensors' inputs on
+    the ``preserve`` texts and retain rows, dropping eigen-directions above ``tol × λ_max`` (0 = off).
     """
 
     layers: tuple[int, ...] | None = None
@@ -47,6 +49,7 @@ class EditConfig:
     retain_weight: float = 1.0
     early_stop_reliability: float = 0.0
     check_every: int = 5
+    null_space_tol: float = 0.0
 
     def __post_init__(self) -> None:
         for name, allowed in (

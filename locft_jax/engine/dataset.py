@@ -64,6 +64,7 @@ def prepare_dataset(
     n_edits = 0
     skipped: list[tuple[int, str]] = []
     groups = (("record", requests, True, 1.0), ("retain record", retain, False, retain_weight))
+    edited_prompts = {req.prompt: i for i, req in enumerate(requests)}
     for kind, group, add_eos, weight in groups:
         seen: dict[tuple[str, str], int] = {}
         for i, req in enumerate(group):
@@ -72,6 +73,9 @@ def prepare_dataset(
                 key = (req.prompt, req.target_new)
                 if key in seen:
                     raise RequestError(f"{kind} {i}: duplicate of {kind} {seen[key]} (same prompt and target_new)")
+                if group is retain and req.prompt in edited_prompts:
+                    raise RequestError(f"{kind} {i}: prompt {req.prompt!r} is also edited (record "
+                                       f"{edited_prompts[req.prompt]}); a retain row would undo the edit")
                 seen[key] = i
             except RequestError as err:
                 if on_bad_record == "error":

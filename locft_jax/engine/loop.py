@@ -20,6 +20,7 @@ from locft_jax.engine.config import EditConfig
 from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
 from locft_jax.engine.forward import merge
 from locft_jax.engine.locations import Location, resolve_location, trainable_names
+from locft_jax.engine.null_space import input_covariances, projectors_for
 from locft_jax.engine.optimizer import freeze_labels, make_optimizer
 from locft_jax.engine.prefix_cache import BatchFeeder, build_store
 from locft_jax.engine.step import StepSpec, make_train_step
@@ -32,6 +33,7 @@ from locft_jax.sharding import (
     TENSOR_PARALLEL_RULES,
     make_mesh,
     param_shardings,
+    replicated,
 )
 
 
@@ -65,11 +67,14 @@ def edit(
     log_path: str | Path | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     retain: Sequence[EditRequest] = (),
+    preserve: Sequence[str] = (),
 ) -> EditResult:
     """Train the chosen module of ``model`` on ``requests``; the model itself is not modified.
 
     ``retain``: prompts with the pre-edit model's own answers (see ``locft_jax.augment``), mixed
     into the shuffled batches with loss weight ``config.retain_weight`` to keep unrelated facts.
+    ``preserve``: texts whose inputs to the edited tensors the update must not act on, with
+    ``config.null_space_tol > 0`` (see ``null_space``); the retain rows' texts are added to them.
     """
     start_time = time.perf_counter()
     config = config or EditConfig()
@@ -96,13 +101,14 @@ def edit(
     steps_per_epoch = len(ds) if config.pipeline == "df" else -(-len(ds) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs if config.pipeline == "bf" else config.epochs
     trainable = jax.device_put(trainable, shardings)
+    projectors = _projectors(model, params, location, names, config, retain, preserve, mesh)
     spec = StepSpec(model.config, location, point, config.skip_step_loss, config.norm_constraint)
     tx, step, opt_shardings = _train_step_for(spec, config, total_steps, params, trainable, mesh)
     opt_state = jax.device_put(init_opt_state(tx, params, trainable), opt_shardings)
     compiles_before = step._cache_size()
-    runner = _Runner(step, params, base, BatchFeeder(store, ds, rows_per_batch, mesh), opt_shardings)
+    runner = _Runner(step, params, base, projectors, BatchFeeder(store, ds, rows_per_batch, mesh), opt_shardings)
 
-    identity = ckpt.fingerprint(config.to_dict(), ds.ids, ds.target_ids)
+    identity = ckpt.fingerprint(config.to_dict(), ds.ids, ds.target_ids, list(preserve))
     log: list[dict[str, Any]] = []
     first_epoch = 0
     if resume and checkpoint_dir and (latest := ckpt.latest_state(Path(checkpoint_dir))):
@@ -172,17 +178,27 @@ def init_opt_state(tx, params: Params, trainable: dict[str, jax.Array]):
     return tx.init(merge(params, trainable))
 
 
+def _projectors(model: Model, params, location, names, config: EditConfig, retain, preserve, mesh) -> dict:
+    """Input-side null-space projectors of the trainable tensors (empty when ``null_space_tol`` is 0)."""
+    if config.null_space_tol <= 0:
+        return {}
+    texts = list(preserve) + [f"{r.prompt} {r.target_new}" for r in retain]
+    covariances = input_covariances(params, model.config, location, model.tokenizer, texts, config.max_length)
+    return jax.device_put(projectors_for(names, covariances, config.null_space_tol), replicated(mesh))
+
+
 class _Runner:
     """Feeds a batch's rows to the jitted step."""
 
-    def __init__(self, step, params, base, feeder: BatchFeeder, opt_shardings):
-        self.step, self.params, self.base, self.feed = step, params, base, feeder
+    def __init__(self, step, params, base, projectors, feeder: BatchFeeder, opt_shardings):
+        self.step, self.params, self.base, self.projectors, self.feed = step, params, base, projectors, feeder
         self.ds, self.opt_shardings = feeder.ds, opt_shardings
 
     def __call__(self, trainable, opt_state, rows: np.ndarray):
         arrays, index, valid, seq_len, tgt_len = self.feed(rows)
         return self.step(
-            trainable, opt_state, self.params, self.base, arrays, index, valid, seq_len=seq_len, tgt_len=tgt_len
+            trainable, opt_state, self.params, self.base, self.projectors, arrays, index, valid,
+            seq_len=seq_len, tgt_len=tgt_len,
         )
 
 

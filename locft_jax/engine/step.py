@@ -61,11 +61,12 @@ def gather_batch(store: dict[str, jax.Array], rows: jax.Array, seq_len: int, tgt
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: tuple):
-    """``step(trainable, opt_state, params, base, store, rows, row_valid, seq_len=, tgt_len=)``.
+    """``step(trainable, opt_state, params, base, projectors, store, rows, row_valid, seq_len=, tgt_len=)``.
 
-    Returns ``(trainable, opt_state, loss, applied)``, the state with ``state_shardings``. A step whose loss is below
-    ``skip_step_loss`` or not finite leaves weights and optimizer state untouched, so a NaN
-    never reaches the weights.
+    ``projectors``: name → input-side projector applied to that tensor's update (``null_space``;
+    an empty dict when off). Returns ``(trainable, opt_state, loss, applied)``, the state with
+    ``state_shardings``. A step whose loss is below ``skip_step_loss`` or not finite leaves
+    weights and optimizer state untouched, so a NaN never reaches the weights.
     """
 
     scalar = replicated(mesh)
@@ -76,7 +77,7 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
         donate_argnums=(0, 1),
         out_shardings=(*state_shardings, scalar, scalar),
     )
-    def step(trainable, opt_state, params, base, store, rows, row_valid, *, seq_len: int, tgt_len: int):
+    def step(trainable, opt_state, params, base, projectors, store, rows, row_valid, *, seq_len: int, tgt_len: int):
         batch = gather_batch(store, rows, seq_len, tgt_len, mesh)
         # Gradients of the trainable tensors only; the masked optimizer sees them in the full
         # params structure, where the frozen leaves are placeholders it maps to zero updates
@@ -84,6 +85,7 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
         loss, grads = jax.value_and_grad(batch_loss)(trainable, params, spec, batch, row_valid)
         updates, new_opt = tx.update(merge(params, grads), opt_state)
         flat_updates = {name: get_leaf(updates, name) for name in trainable}
+        flat_updates = {n: u @ projectors[n] if n in projectors else u for n, u in flat_updates.items()}
         new = optax.apply_updates(trainable, flat_updates)
         if spec.norm_constraint > 0:
             eps = spec.norm_constraint

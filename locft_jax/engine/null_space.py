@@ -1,0 +1,100 @@
+"""Null-space constrained edits: the weight change cannot move what the model does on preserved text.
+
+A trained linear ``y = W k`` changes its output on an input ``k`` by ``ΔW k``. Given texts to
+preserve (neighbour prompts with the model's own answers, general text), collect the inputs
+``k`` the edited tensor sees there (every token position, pre-edit model), form ``C = Σ k kᵀ``
+and let ``P`` project onto the eigenvectors of ``C`` whose eigenvalue is at most
+``tol × λ_max``. Every optimizer update is multiplied by ``P`` on the input side, so the total
+change stays in that null space: ``ΔW k ≈ 0`` on the preserved inputs — exactly, up to the
+dropped eigenvalues (AlphaEdit's projection, here applied to each Adam step of LocFT-BF).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from locft_jax import model as M
+from locft_jax.config import ModelConfig
+from locft_jax.engine.forward import prefix_inputs
+from locft_jax.engine.locations import CachePoint, Location
+from locft_jax.params import Params
+from locft_jax.tokens import bucket, encode_prompt
+
+CHUNK_ROWS = 16
+# tensor name suffix → which input it reads (the d_ff activation or the post-attention normed residual)
+KEY_KIND = {"mlp.down_proj.weight": "act", "mlp.up_proj.weight": "normed", "mlp.gate_proj.weight": "normed"}
+SUPPORTED_MODULES = ("mlp_down", "mlp_up", "mlp")
+
+
+def input_covariances(
+    params: Params,
+    config: ModelConfig,
+    location: Location,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 256,
+) -> dict[tuple[int, str], np.ndarray]:
+    """``Σ k kᵀ`` (float64) over every real token of ``texts``, per (layer, key kind)."""
+    if location.module not in SUPPORTED_MODULES:
+        raise ValueError(
+            f"null-space projection needs a module with known inputs; got {location.module!r}, "
+            f"valid: {', '.join(SUPPORTED_MODULES)}"
+        )
+    if not texts:
+        raise ValueError("null-space projection needs at least one text to preserve")
+    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
+    out: dict[tuple[int, str], np.ndarray] = {}
+    for start in range(0, len(encoded), CHUNK_ROWS):
+        chunk = encoded[start : start + CHUNK_ROWS]
+        seq = bucket(max(len(ids) for ids in chunk))
+        ids = np.zeros((CHUNK_ROWS, seq), np.int32)
+        mask = np.zeros((CHUNK_ROWS, seq), np.int32)
+        for row, tokens in enumerate(chunk):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        for layer in location.layers:
+            sums = _covariance_chunk(params, config, Location((layer,), location.module), ids, mask)
+            for kind, value in sums.items():
+                key = (layer, kind)
+                out[key] = out.get(key, 0.0) + np.asarray(value, np.float64)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _covariance_chunk(params, config: ModelConfig, location: Location, ids, mask) -> dict[str, jax.Array]:
+    got = prefix_inputs(params, config, location, CachePoint.DOWN_INPUT, ids, mask)
+    lp = params["model"]["layers"][location.lowest]
+    normed = M.rms_norm(got["h"], lp["post_attention_layernorm"]["weight"], config.rms_norm_eps)
+    weight = mask[..., None].astype(jnp.float32)
+    keys = {"act": got["act"].astype(jnp.float32) * weight, "normed": normed.astype(jnp.float32) * weight}
+    return {kind: jnp.einsum("bti,btj->ij", k, k) for kind, k in keys.items()}
+
+
+def null_space_projector(covariance: np.ndarray, tol: float) -> np.ndarray:
+    """Projector onto the eigenvectors of ``covariance`` with eigenvalue ≤ ``tol × λ_max`` (float32)."""
+    values, vectors = np.linalg.eigh(covariance)
+    null = vectors[:, values <= tol * values.max()]
+    return (null @ null.T).astype(np.float32)
+
+
+def projectors_for(
+    names: Sequence[str], covariances: dict[tuple[int, str], np.ndarray], tol: float
+) -> dict[str, np.ndarray]:
+    """One input-side projector per trainable weight, from its layer's covariance of that input."""
+    built: dict[tuple[int, str], np.ndarray] = {}
+    out = {}
+    for name in names:
+        layer = int(name.split(".")[2])
+        kind = next((k for suffix, k in KEY_KIND.items() if name.endswith(suffix)), None)
+        if kind is None:
+            raise ValueError(f"null-space projection has no input for tensor {name}")
+        if (layer, kind) not in built:
+            built[layer, kind] = null_space_projector(covariances[layer, kind], tol)
+        out[name] = built[layer, kind]
+    return out

@@ -1,0 +1,73 @@
+"""Null-space constrained edits: the weight change leaves the preserved texts' inputs untouched."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from locft_jax import load_model
+from locft_jax import model as M
+from locft_jax.engine import EditConfig, edit
+from locft_jax.engine.null_space import null_space_projector
+from locft_jax.tokens import encode_prompt
+from tests.test_engine import FAST, ONE_DEVICE, REQUESTS
+
+PRESERVE = ["The sky is blue.", "Two plus two is four.", "Paris is a city in France."]
+DOWN = "model.layers.2.mlp.down_proj.weight"
+UP = "model.layers.2.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_model(tiny_llama_dir)
+
+
+def _inputs(model, text: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(down_proj input, up_proj input) at every token of ``text``, straight from the model functions."""
+    ids = jnp.asarray([encode_prompt(model.tokenizer, text)])
+    mask = jnp.ones_like(ids)
+    ctx = M.make_context(model.config, mask)
+    h = M.run_layers(model.params, M.embed(model.params, ids), ctx, model.config, stop=layer)
+    lp = model.params["model"]["layers"][layer]
+    h = M.attention_block(lp, h, ctx, model.config)
+    normed = M.rms_norm(h, lp["post_attention_layernorm"]["weight"], model.config.rms_norm_eps)
+    return np.asarray(M.mlp_activation(lp["mlp"], normed)[0]), np.asarray(normed[0])
+
+
+def test_projector_is_the_orthogonal_projector_onto_small_eigen_directions():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(5, 12))  # rank 5 of 12
+    proj = null_space_projector(keys.T @ keys, 1e-6)
+    np.testing.assert_allclose(proj, proj.T, atol=1e-6)
+    np.testing.assert_allclose(proj @ proj, proj, atol=1e-5)
+    assert np.trace(proj) == pytest.approx(7, abs=1e-4)
+    np.testing.assert_allclose(keys @ proj, 0, atol=1e-5)
+
+
+@pytest.mark.parametrize("module,names", [("mlp_down", [DOWN]), ("mlp", [DOWN, UP])])
+def test_update_does_not_act_on_preserved_inputs_and_still_learns(tiny, module, names):
+    cfg = EditConfig(layers=(2,), module=module, **{**FAST, "lr": 5e-2, "epochs": 10}, null_space_tol=1e-7)
+    free = edit(tiny, REQUESTS, cfg.replace(null_space_tol=0.0), mesh=ONE_DEVICE)
+    projected = edit(tiny, REQUESTS, cfg, preserve=PRESERVE, mesh=ONE_DEVICE)
+    assert projected.log[-1]["loss"] < projected.log[0]["loss"] - 0.2  # the tiny random model learns slowly
+    base = {n: np.asarray(tiny.params["model"]["layers"][2]["mlp"][n.split(".")[-2]]["weight"]) for n in names}
+    for text in PRESERVE:
+        act, normed = _inputs(tiny, text, 2)
+        for name in names:
+            keys = act if "down_proj" in name else normed
+            for result, bound in ((projected, 1e-3), (free, None)):
+                change = (np.asarray(result.trainable[name]) - base[name]) @ keys.T
+                ratio = np.abs(change).max() / np.abs(base[name] @ keys.T).max()
+                if bound is None:
+                    assert ratio > 1e-2  # without the projection the same training moves these outputs
+                else:
+                    assert ratio < bound
+
+
+def test_null_space_needs_texts_and_a_supported_module(tiny):
+    cfg = EditConfig(layers=(2,), **FAST, null_space_tol=1e-6)
+    with pytest.raises(ValueError, match="at least one text"):
+        edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
+    with pytest.raises(ValueError, match="valid: mlp_down, mlp_up, mlp"):
+        edit(tiny, REQUESTS, cfg.replace(module="attn"), preserve=PRESERVE, mesh=ONE_DEVICE)
