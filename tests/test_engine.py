@@ -94,6 +94,30 @@ def test_prefix_cache_gives_the_same_weights_as_the_plain_path(tiny, module):
         )
 
 
+def test_prefix_cache_chunks_run_at_their_own_length_and_match_the_plain_path(tiny, monkeypatch):
+    from locft_jax.engine import prefix_cache
+    from locft_jax.engine.forward import prefix_inputs
+    from locft_jax.engine.locations import CachePoint, resolve_location
+
+    monkeypatch.setattr(prefix_cache, "CHUNK_ROWS", 3)  # 4 chunks of different lengths
+    ds = prepare_dataset(tiny.tokenizer, REQUESTS)
+    location = resolve_location(tiny.config, (2,), "mlp_down")
+    got = prefix_cache.compute_prefix(tiny.params, tiny.config, location, CachePoint.DOWN_INPUT, ds)
+    full = prefix_inputs(tiny.params, tiny.config, location, CachePoint.DOWN_INPUT, jnp.asarray(ds.ids),
+                         jnp.asarray(ds.mask))
+    for key in ("h", "act"):
+        assert got[key].shape == full[key].shape
+        for row, length in enumerate(ds.seq_len):
+            np.testing.assert_allclose(got[key][row, :length], np.asarray(full[key][row, :length]), atol=1e-5)
+    shortest = int(np.argmin(ds.seq_len))
+    assert not got["h"][shortest, ds.seq_len.max():].any()  # its chunk stopped at its own bucket
+    cfg = EditConfig(layers=(2,), **FAST)
+    cached = edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
+    plain = edit(tiny, REQUESTS, cfg.replace(prefix_cache=False), mesh=ONE_DEVICE)
+    name = "model.layers.2.mlp.down_proj.weight"
+    np.testing.assert_allclose(np.asarray(cached.trainable[name]), np.asarray(plain.trainable[name]), atol=1e-5)
+
+
 def test_host_store_equals_device_store(tiny):
     cfg = EditConfig(layers=(2,), **FAST)
     device = edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)

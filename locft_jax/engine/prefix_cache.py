@@ -22,6 +22,7 @@ from locft_jax.engine.forward import prefix_inputs
 from locft_jax.engine.locations import CachePoint, Location
 from locft_jax.params import Params
 from locft_jax.sharding import DATA_AXIS, batch_sharding, replicated
+from locft_jax.tokens import bucket
 
 CHUNK_ROWS = 32
 
@@ -73,17 +74,25 @@ def build_store(
 def compute_prefix(
     params: Params, config: ModelConfig, location: Location, point: CachePoint, ds: EditDataset
 ) -> dict[str, np.ndarray]:
-    """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time (one compile)."""
-    n = len(ds)
+    """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time.
+
+    Rows go in length order, so each chunk runs at the bucket of its own longest row (not the
+    whole set's); positions past a row's chunk length stay zero — padding the step masks anyway.
+    Compiles once per sequence bucket met.
+    """
+    n, width = ds.ids.shape
+    by_length = np.argsort(ds.seq_len, kind="stable")
     out: dict[str, np.ndarray] = {}
     for start in range(0, n, CHUNK_ROWS):
-        rows = np.arange(start, start + CHUNK_ROWS) % n  # the last chunk wraps to keep its shape
-        got = _prefix(params, config, location, point, jnp.asarray(ds.ids[rows]), jnp.asarray(ds.mask[rows]))
+        # the last chunk wraps to keep its row count (one compile per bucket, not per size)
+        rows = by_length[np.arange(start, start + CHUNK_ROWS) % n]
         keep = min(CHUNK_ROWS, n - start)
-        for key, value in got.items():
+        seq = min(width, bucket(int(ds.seq_len[rows[:keep]].max())))
+        ids, mask = jnp.asarray(ds.ids[rows, :seq]), jnp.asarray(ds.mask[rows, :seq])
+        for key, value in _prefix(params, config, location, point, ids, mask).items():
             if key not in out:
-                out[key] = np.empty((n, *value.shape[1:]), dtype=value.dtype)
-            out[key][start : start + keep] = np.asarray(value[:keep])
+                out[key] = np.zeros((n, width, *value.shape[2:]), dtype=value.dtype)
+            out[key][rows[:keep], :seq] = np.asarray(value[:keep])
     return out
 
 
