@@ -4,7 +4,8 @@ Variants (each adds one exact term to the training data; see ``locft_jax.augment
 ``plain`` (the preset's recipe), ``+retain`` (neighbours: the same relation for subjects not
 edited in this run, trained towards the pre-edit model's own answers), ``+paraphrase`` (train on
 rephrases other than the one evaluated), ``+prefix`` (the paper's prefix augmentation),
-``+null-space`` (updates projected off the neighbours' inputs to the edited tensor; see
+``+null-space`` (updates projected off the inputs to the edited tensor of the neighbours and of a
+general text, ``data/preserve.txt``, disjoint from the perplexity text; see
 ``locft_jax.engine.null_space``; ``null_space_tol`` from the config, 1e-3 when unset), ``all``.
 Generalization is scored on a rephrase never trained on; locality on the data set's held-out
 locality prompts (never edited, never retained).
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relations", nargs="+", default=list(RELATIONS), choices=list(RELATIONS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--text", default=str(DATA / "perplexity.txt"), help="perplexity text (capability)")
+    parser.add_argument("--preserve-text", default=str(DATA / "preserve.txt"),
+                        help="general text (one passage per line) that +null-space also preserves; '' for none")
     parser.add_argument("--out", help="run directory (default: runs/quality-<time>/)")
     add_edit_options(parser)
 
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     config = edit_config(model.config, args.preset, **edit_overrides(args))
     (run_dir / "config.json").write_text(json.dumps({"argv": vars(args), "edit_config": config.to_dict()}, indent=2))
     text = Path(args.text).read_text()
+    general = [line for line in Path(args.preserve_text).read_text().splitlines() if line.strip()] \
+        if args.preserve_text else []
     base_ppl = perplexity(model.params, model.config, model.tokenizer, text).value
     rows = []
     for relation in args.relations:
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             if variant in ("+null-space", "all"):
                 variant_config = config.replace(null_space_tol=config.null_space_tol or DEFAULT_NULL_SPACE_TOL)
                 # edit() adds the retain rows' texts itself
-                preserve = [] if keep else [f"{r.prompt} {r.target_new}" for r in retain]
+                preserve = general + ([] if keep else [f"{r.prompt} {r.target_new}" for r in retain])
             result = edit(model, train, variant_config, retain=keep, preserve=preserve, progress=True)
             ev = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre,
                                    styles=("teacher_forced", "generation"))
