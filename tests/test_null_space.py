@@ -71,3 +71,34 @@ def test_null_space_needs_texts_and_a_supported_module(tiny):
         edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
     with pytest.raises(ValueError, match="valid: mlp_down, mlp_up, mlp"):
         edit(tiny, REQUESTS, cfg.replace(module="attn"), preserve=PRESERVE, mesh=ONE_DEVICE)
+
+
+@pytest.mark.slow
+def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm2():
+    """Issue 7's check on the real model: 16 capital counterfactuals, layer 3, same training."""
+    from pathlib import Path
+
+    from convert.embedded import smollm2_gguf_path
+    from locft_jax.augment import retain_requests
+    from locft_jax.data import load_requests
+    from locft_jax.evaluate import evaluate_requests, snapshot
+
+    data = Path(__file__).parents[1] / "experiments" / "data"
+    model = load_model(smollm2_gguf_path(), mesh=ONE_DEVICE)
+    records = load_requests(data / "country_capitals.json").requests
+    edits = records[:16]
+    held_out = {p for r in edits for p in r.locality_prompts}
+    neighbours = [r.prompt for r in records[16:] if r.prompt not in held_out][:50]
+    preserve = [f"{r.prompt} {r.target_new}" for r in
+                retain_requests(model.params, model.config, model.tokenizer, neighbours)]
+    preserve += [line for line in (data / "preserve.txt").read_text().splitlines() if line.strip()]
+    pre = snapshot(model.params, model.config, model.tokenizer, edits, ("teacher_forced",))
+    cfg = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
+    scores = {}
+    for name, config, texts in (("plain", cfg, ()), ("null-space", cfg.replace(null_space_tol=1e-3), preserve)):
+        result = edit(model, edits, config, preserve=texts, mesh=ONE_DEVICE)
+        post = evaluate_requests(result.params, model.config, model.tokenizer, edits, pre=pre,
+                                 styles=("teacher_forced",)).post
+        scores[name] = {k: post[f"teacher_forced/{k}"].value for k in ("reliability", "locality")}
+    assert scores["null-space"]["locality"] > scores["plain"]["locality"] + 0.15, scores
+    assert scores["null-space"]["reliability"] >= 0.7, scores
