@@ -69,6 +69,8 @@ def test_null_space_needs_texts_and_a_supported_module(tiny):
     cfg = EditConfig(layers=(2,), **FAST, null_space_tol=1e-6)
     with pytest.raises(ValueError, match="at least one text"):
         edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
+    with pytest.raises(ValueError, match="null_space_tol is 0"):
+        edit(tiny, REQUESTS, cfg.replace(null_space_tol=0.0), preserve=PRESERVE, mesh=ONE_DEVICE)
     with pytest.raises(ValueError, match="valid: mlp_down, mlp_up, mlp"):
         edit(tiny, REQUESTS, cfg.replace(module="attn"), preserve=PRESERVE, mesh=ONE_DEVICE)
 

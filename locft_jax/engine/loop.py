@@ -181,6 +181,8 @@ def init_opt_state(tx, params: Params, trainable: dict[str, jax.Array]):
 def _projectors(model: Model, params, location, names, config: EditConfig, retain, preserve, mesh) -> dict:
     """Input-side null-space projectors of the trainable tensors (empty when ``null_space_tol`` is 0)."""
     if config.null_space_tol <= 0:
+        if preserve:
+            raise ValueError("preserve texts were given but null_space_tol is 0 (off); set it, e.g. 1e-3")
         return {}
     texts = list(preserve) + [f"{r.prompt} {r.target_new}" for r in retain]
     covariances = input_covariances(params, model.config, location, model.tokenizer, texts, config.max_length)
