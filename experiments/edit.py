@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from experiments.cli_options import add_edit_options, add_model_data_options, edit_overrides
 from experiments.pipeline import load_job_model, load_job_requests, new_run_dir, run_edit_job
 from experiments.presets import edit_config
 from locft_jax.augment import retain_requests
-from locft_jax.data import load_requests
+from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate import markdown_table
 
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.retain:
         prompts = [r.prompt for r in load_requests(args.retain).requests]
         retain = retain_requests(model.params, model.config, model.tokenizer, prompts)
-    preserve = [line for line in Path(args.preserve).read_text().splitlines() if line.strip()] if args.preserve else []
+    preserve = load_texts(args.preserve) if args.preserve else []
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
                        retain=retain, preserve=preserve)
     print(markdown_table(out.evaluation))

@@ -21,7 +21,7 @@ from experiments.cli_options import add_edit_options, edit_overrides
 from experiments.pipeline import load_job_model, new_run_dir
 from experiments.presets import edit_config
 from locft_jax.augment import held_out_rephrases, paraphrase_augmented, prefix_augmented, retain_requests
-from locft_jax.data import load_requests
+from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
 from locft_jax.evaluate import evaluate_requests, snapshot
 from locft_jax.evaluate.capability import perplexity
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     config = edit_config(model.config, args.preset, **edit_overrides(args))
     (run_dir / "config.json").write_text(json.dumps({"argv": vars(args), "edit_config": config.to_dict()}, indent=2))
     text = Path(args.text).read_text()
-    general = [line for line in Path(args.preserve_text).read_text().splitlines() if line.strip()] \
-        if args.preserve_text else []
+    general = load_texts(args.preserve_text) if args.preserve_text else []
     base_ppl = perplexity(model.params, model.config, model.tokenizer, text).value
     rows = []
     for relation in args.relations:

@@ -414,3 +414,15 @@ def test_country_edit_sets_regenerate_identically(tmp_path):
     for name, count in counts.items():
         assert (tmp_path / name).read_bytes() == (EXPERIMENT_DATA / name).read_bytes()
         assert len(json.loads((tmp_path / name).read_text())) == count
+
+
+def test_load_texts_reads_one_passage_per_line_and_names_an_empty_file(tmp_path):
+    from locft_jax.data import load_texts
+
+    good = tmp_path / "good.txt"
+    good.write_text("First passage.\n\n  \nSecond passage.\n")
+    assert load_texts(good) == ["First passage.", "Second passage."]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(RequestError, match="empty.txt: no text"):
+        load_texts(empty)

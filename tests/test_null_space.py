@@ -82,7 +82,7 @@ def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm
 
     from convert.embedded import smollm2_gguf_path
     from locft_jax.augment import retain_requests
-    from locft_jax.data import load_requests
+    from locft_jax.data import load_requests, load_texts
     from locft_jax.evaluate import evaluate_requests, snapshot
 
     data = Path(__file__).parents[1] / "experiments" / "data"
@@ -93,7 +93,7 @@ def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm
     neighbours = [r.prompt for r in records[16:] if r.prompt not in held_out][:50]
     preserve = [f"{r.prompt} {r.target_new}" for r in
                 retain_requests(model.params, model.config, model.tokenizer, neighbours)]
-    preserve += [line for line in (data / "preserve.txt").read_text().splitlines() if line.strip()]
+    preserve += load_texts(data / "preserve.txt")
     pre = snapshot(model.params, model.config, model.tokenizer, edits, ("teacher_forced",))
     cfg = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
     scores = {}

@@ -8,7 +8,7 @@ Usage::
 """
 
 from locft_jax.data.formats import FORMATS, detect_format
-from locft_jax.data.loading import LoadResult, load_requests, request_to_record, save_requests
+from locft_jax.data.loading import LoadResult, load_requests, load_texts, request_to_record, save_requests
 from locft_jax.requests import EditRequest, RequestError
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "RequestError",
     "detect_format",
     "load_requests",
+    "load_texts",
     "request_to_record",
     "save_requests",
 ]

@@ -173,6 +173,14 @@ def _to_request(entry: RawEntry, convert: Converter) -> EditRequest:
     return request
 
 
+def load_texts(path: str | os.PathLike[str]) -> list[str]:
+    """Plain-text passages, one per non-empty line (e.g. texts for ``edit(..., preserve=...)``)."""
+    texts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise RequestError(f"{path}: no text (expected one passage per line)")
+    return texts
+
+
 def save_requests(requests: Iterable[EditRequest], path: str | os.PathLike[str]) -> None:
     """Write ``requests`` in the "plain" format: a JSON list, or JSON lines if ``path`` ends in .jsonl.
 

@@ -87,10 +87,12 @@ def edit(
         model.tokenizer, requests, config.objective, config.max_length, config.on_bad_record,
         retain=retain, retain_weight=config.retain_weight,
     )
+    names = trainable_names(model.config, location)
+    # before the prefix cache: a bad null-space setting fails fast, not after the long part
+    projectors = _projectors(model, params, location, names, config, retain, preserve, mesh)
     point = location.cache_point() if config.prefix_cache else None
     store = build_store(params, model.config, location, point, ds, mesh, config.prefix_cache_device_bytes)
 
-    names = trainable_names(model.config, location)
     flat = flatten(params)
     # float32 master copies of the trainable tensors, whatever the model's dtype; real copies,
     # since the step donates its buffers and the model's own params must stay intact
@@ -101,7 +103,6 @@ def edit(
     steps_per_epoch = len(ds) if config.pipeline == "df" else -(-len(ds) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs if config.pipeline == "bf" else config.epochs
     trainable = jax.device_put(trainable, shardings)
-    projectors = _projectors(model, params, location, names, config, retain, preserve, mesh)
     spec = StepSpec(model.config, location, point, config.skip_step_loss, config.norm_constraint)
     tx, step, opt_shardings = _train_step_for(spec, config, total_steps, params, trainable, mesh)
     opt_state = jax.device_put(init_opt_state(tx, params, trainable), opt_shardings)

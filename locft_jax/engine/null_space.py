@@ -22,9 +22,9 @@ import numpy as np
 from locft_jax import model as M
 from locft_jax.config import ModelConfig
 from locft_jax.engine.forward import prefix_inputs
-from locft_jax.engine.locations import CachePoint, Location
+from locft_jax.engine.locations import MODULES, CachePoint, Location
 from locft_jax.params import Params
-from locft_jax.tokens import bucket, encode_prompt
+from locft_jax.tokens import PromptTarget, bucket, encode_prompt, pad_target_batch
 
 CHUNK_ROWS = 16
 # tensor name suffix → which input it reads (the d_ff activation or the post-attention normed residual)
@@ -48,31 +48,36 @@ def input_covariances(
         )
     if not texts:
         raise ValueError("null-space projection needs at least one text to preserve")
-    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
+    kinds = tuple(sorted({KEY_KIND[suffix] for suffix in KEY_KIND if _module_trains(location.module, suffix)}))
+    encoded = [PromptTarget(encode_prompt(tokenizer, t)[:max_length], []) for t in texts]
     out: dict[tuple[int, str], np.ndarray] = {}
     for start in range(0, len(encoded), CHUNK_ROWS):
         chunk = encoded[start : start + CHUNK_ROWS]
-        seq = bucket(max(len(ids) for ids in chunk))
-        ids = np.zeros((CHUNK_ROWS, seq), np.int32)
-        mask = np.zeros((CHUNK_ROWS, seq), np.int32)
-        for row, tokens in enumerate(chunk):
-            ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = 1
+        rows = chunk + [PromptTarget([], [])] * (CHUNK_ROWS - len(chunk))  # fixed row count: one compile
+        batch = pad_target_batch(rows, bucket(max(len(p) for p, _ in chunk)), 1)
         for layer in location.layers:
-            sums = _covariance_chunk(params, config, Location((layer,), location.module), ids, mask)
+            sums = _covariance_chunk(params, config, layer, kinds, batch.ids, batch.mask)
             for kind, value in sums.items():
-                key = (layer, kind)
-                out[key] = out.get(key, 0.0) + np.asarray(value, np.float64)
+                out[layer, kind] = out.get((layer, kind), 0.0) + np.asarray(value, np.float64)
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _covariance_chunk(params, config: ModelConfig, location: Location, ids, mask) -> dict[str, jax.Array]:
-    got = prefix_inputs(params, config, location, CachePoint.DOWN_INPUT, ids, mask)
-    lp = params["model"]["layers"][location.lowest]
+def _module_trains(module: str, suffix: str) -> bool:
+    return any(suffix.startswith(prefix) for prefix in MODULES[module])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _covariance_chunk(params, config: ModelConfig, layer: int, kinds: tuple[str, ...], ids, mask) -> dict:
+    """``Σ k kᵀ`` over the real tokens of one padded chunk, for each input kind of ``layer``."""
+    got = prefix_inputs(params, config, Location((layer,), "mlp"), CachePoint.MLP_INPUT, ids, mask)
+    lp = params["model"]["layers"][layer]
     normed = M.rms_norm(got["h"], lp["post_attention_layernorm"]["weight"], config.rms_norm_eps)
     weight = mask[..., None].astype(jnp.float32)
-    keys = {"act": got["act"].astype(jnp.float32) * weight, "normed": normed.astype(jnp.float32) * weight}
+    keys = {}
+    if "normed" in kinds:
+        keys["normed"] = normed.astype(jnp.float32) * weight
+    if "act" in kinds:
+        keys["act"] = M.mlp_activation(lp["mlp"], normed).astype(jnp.float32) * weight
     return {kind: jnp.einsum("bti,btj->ij", k, k) for kind, k in keys.items()}
 
 
