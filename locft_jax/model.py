@@ -70,8 +70,16 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def make_context(config: ModelConfig, attention_mask: jax.Array, positions: jax.Array | None = None) -> Context:
-    """RoPE tables and the causal+padding mask for a ``[B, T]`` batch (1 = real token)."""
+def make_context(
+    config: ModelConfig,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+    segments: jax.Array | None = None,
+) -> Context:
+    """RoPE tables and the causal+padding mask for a ``[B, T]`` batch (1 = real token).
+
+    ``segments`` (``[B, T]`` ints): for packed rows, a token attends only within its own segment.
+    """
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = positions_from_mask(attention_mask)
@@ -80,6 +88,8 @@ def make_context(config: ModelConfig, attention_mask: jax.Array, positions: jax.
     t = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     mask = causal[None] & attention_mask[:, None, :]
+    if segments is not None:
+        mask = mask & (segments[:, :, None] == segments[:, None, :])
     return Context(jnp.cos(angles), jnp.sin(angles), mask[:, None, None])
 
 

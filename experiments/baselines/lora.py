@@ -78,11 +78,11 @@ def make_lora_step(spec: StepSpec, scale: float, tx: optax.GradientTransformatio
     @functools.partial(
         jax.jit, static_argnames=("seq_len", "tgt_len"), donate_argnums=(0, 1), out_shardings=everything
     )
-    def step(adapters, opt_state, params, base, store, rows, row_valid, *, seq_len: int, tgt_len: int):
-        batch = gather_batch(store, rows, seq_len, tgt_len, mesh)
+    def step(adapters, opt_state, params, base, store, feed, *, seq_len: int, tgt_len: int):
+        batch = gather_batch(store, feed, seq_len, tgt_len, mesh)
 
         def loss_of(adapters):
-            return batch_loss(merged_weights(base, adapters, scale), params, spec, batch, row_valid)
+            return batch_loss(merged_weights(base, adapters, scale), params, spec, batch)
 
         loss, grads = jax.value_and_grad(loss_of)(adapters)
         updates, new_opt = tx.update(grads, opt_state, adapters)
@@ -127,8 +127,8 @@ def lora_edit(
     feed = BatchFeeder(store, ds, 1 if depth_first else config.batch_size, mesh)
 
     def train(adapters, opt_state, rows: np.ndarray):
-        arrays, index, valid, seq_len, tgt_len = feed(rows)
-        return step(adapters, opt_state, params, base, arrays, index, valid, seq_len=seq_len, tgt_len=tgt_len)
+        arrays, batch_feed, seq_len, tgt_len = feed(rows)
+        return step(adapters, opt_state, params, base, arrays, batch_feed, seq_len=seq_len, tgt_len=tgt_len)
 
     # fresh state placed like the step's outputs (else each re-init would compile the step again)
     def fresh_state(adapters):

@@ -10,8 +10,10 @@ FLOP accounting (matmuls only, 2 per multiply-add; norms, softmax, RoPE, Adam ar
   LM head's input gradient; plus the one weight gradient of the trained ``down_proj``. Nothing
   below ``down_proj``'s input is differentiated.
 
-"useful" counts each edit's real tokens; "executed" counts what the step runs: rows padded to
-the batch size, sequences to their length bucket, targets to their target bucket.
+"useful" counts each edit's real tokens; "executed" counts what the step runs: the batch's token
+rows (packed rows of the run's packed length, or with ``packing=False`` one row per slot at the
+batch's length bucket) and the LM head at every target position it scores (the run's packed
+target count, or every slot's target bucket).
 The torch reference runs every layer forward and the LM head at every position; its count is
 given for comparison.
 """
@@ -78,13 +80,24 @@ def edit_flops(config, layer: int, seq_len: int, tgt_len: int, *, from_embedding
     return Flops(float(forward), float(backward))
 
 
-def epoch_flops(config, layer: int, ds, batch_rows: int, order_batches: list[np.ndarray]) -> dict[str, float]:
-    """FLOPs of one epoch: useful (real lengths) and executed (padded to rows and buckets)."""
+def batch_shape(ds, rows: np.ndarray, batch_rows: int, pack) -> tuple[int, int, int]:
+    """What the step runs for a batch: (token rows, row length, LM-head positions)."""
+    seq_len, tgt_len = ds.shape_of(rows)
+    if pack is None:
+        return batch_rows, seq_len, batch_rows * tgt_len
+    return pack.rows, pack.length, pack.targets
+
+
+def executed_flops(config, layer: int, shape: tuple[int, int, int]) -> float:
+    """Matmul FLOPs of one step: every token row through the layers, the LM head at every target position."""
+    rows, seq_len, head_positions = shape
+    return rows * edit_flops(config, layer, seq_len, 0).total + head_positions * edit_flops(config, layer, 0, 1).total
+
+
+def epoch_flops(config, layer: int, ds, batch_rows: int, order_batches: list[np.ndarray], pack) -> dict[str, float]:
+    """FLOPs of one epoch: useful (real lengths) and executed (padded to rows, packed rows and buckets)."""
     useful = sum(edit_flops(config, layer, int(ds.seq_len[i]), int(ds.tgt_len[i])).total for i in range(len(ds)))
-    executed = 0.0
-    for rows in order_batches:
-        seq_len, tgt_len = ds.shape_of(rows)
-        executed += batch_rows * edit_flops(config, layer, seq_len, tgt_len).total
+    executed = sum(executed_flops(config, layer, batch_shape(ds, rows, batch_rows, pack)) for rows in order_batches)
     torch_path = sum(
         edit_flops(config, layer, int(ds.seq_len[i]), int(ds.tgt_len[i]), from_embeddings=True,
                    all_positions=True).total
@@ -93,33 +106,33 @@ def epoch_flops(config, layer: int, ds, batch_rows: int, order_batches: list[np.
     return {"useful": useful, "executed": executed, "torch_reference_useful": torch_path}
 
 
-def xla_step_flops(model, config, ds, rows: np.ndarray, mesh) -> float | None:
+def xla_step_flops(model, config, ds, rows: np.ndarray, mesh, pack) -> float | None:
     """XLA's own FLOP count (``cost_analysis``) of the loss and gradient for one cached batch.
 
-    A cross-check of ``edit_flops`` built from the engine's own store, gather and loss. XLA also
-    counts element-wise work, so it should be a little higher than our matmul-only count.
+    A cross-check of ``edit_flops`` built from the engine's own store, feeder, gather and loss. XLA
+    also counts element-wise work, so it should be a little higher than our matmul-only count.
     """
     import jax
     import jax.numpy as jnp
 
     from locft_jax.engine.locations import resolve_location, trainable_names
-    from locft_jax.engine.prefix_cache import build_store
+    from locft_jax.engine.prefix_cache import BatchFeeder, build_store
     from locft_jax.engine.step import StepSpec, batch_loss, gather_batch
     from locft_jax.params import flatten
 
     location = resolve_location(model.config, config.layers, config.module)
     point = location.cache_point()
     store = build_store(model.params, model.config, location, point, ds, mesh, 1 << 62)
-    seq_len, tgt_len = ds.shape_of(rows)
+    arrays, feed, seq_len, tgt_len = BatchFeeder(store, ds, config.batch_size, mesh, pack)(rows)
     name = trainable_names(model.config, location)[0]
     trainable = {name: flatten(model.params)[name].astype(jnp.float32)}
     spec = StepSpec(model.config, location, point, 0.0, 0.0)
 
-    def loss_and_grad(trainable, params, store, rows):
-        batch = gather_batch(store, rows, seq_len, tgt_len, mesh)
-        return jax.value_and_grad(batch_loss)(trainable, params, spec, batch, jnp.ones(rows.shape, bool))
+    def loss_and_grad(trainable, params, store, feed):
+        batch = gather_batch(store, feed, seq_len, tgt_len, mesh)
+        return jax.value_and_grad(batch_loss)(trainable, params, spec, batch)
 
-    lowered = jax.jit(loss_and_grad).lower(trainable, model.params, store.arrays, jnp.asarray(rows, jnp.int32))
+    lowered = jax.jit(loss_and_grad).lower(trainable, model.params, arrays, feed)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]) if cost and "flops" in cost else None
@@ -162,28 +175,29 @@ def _best_flops(fn, flops: float, tries: int) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
+    from locft_jax.engine.loop import pack_shape_for
 
     mesh = common.single_device_mesh()
     model = common.load_bench_model(args, mesh)
     requests = common.country_requests(args.edits)
     config = common.edit_config(args)
     ds = prepare_dataset(model.tokenizer, requests, config.objective, config.max_length)
+    pack = pack_shape_for(ds, config, mesh)
     per_epoch = [
         epoch_flops(model.config, args.layer, ds, config.batch_size,
-                    batches(epoch_order(len(ds), config.seed, e), config.batch_size))
+                    batches(epoch_order(len(ds), config.seed, e), config.batch_size), pack)
         for e in range(args.epochs)
     ]
     runs = [common.timed_edit(model, requests, config, mesh) for _ in range(args.repeats)]
     first_batch = batches(epoch_order(len(ds), config.seed, 0), config.batch_size)[0]
-    first_batch = np.resize(first_batch, config.batch_size)  # a full batch, as the step always runs
-    seq_len, tgt_len = ds.shape_of(first_batch)
+    shape = batch_shape(ds, first_batch, config.batch_size, pack)
     check = {
-        "xla": xla_step_flops(model, config, ds, first_batch, mesh),
-        "ours": config.batch_size * edit_flops(model.config, args.layer, seq_len, tgt_len).total,
-        "shape": [config.batch_size, seq_len, tgt_len],
+        "xla": xla_step_flops(model, config, ds, first_batch, mesh, pack),
+        "ours": executed_flops(model.config, args.layer, shape),
+        "shape": list(shape),
     }
     peak = matmul_peak(tuple(args.matmul_sizes), args.matmul_tries, args.dtype)
-    typical_tokens = config.batch_size * ds.shape_of(np.arange(len(ds)))[0]
+    typical_tokens = shape[0] * shape[1]
     step_shape = shape_matmul(typical_tokens, model.config.hidden_size, model.config.intermediate_size,
                               args.matmul_tries, args.dtype)
 
@@ -240,6 +254,7 @@ def _check_line(check: dict[str, Any]) -> str:
     if check["xla"] is None:
         return f"XLA cost analysis unavailable; our count for one {shape} batch: {check['ours'] / 1e9:.3g} GFLOP"
     return (
-        f"cross-check, one batch (rows×seq×targets {shape}): our matmul count {check['ours'] / 1e9:.3g} GFLOP, "
+        f"cross-check, one batch (token rows×length×LM-head positions {shape}): "
+        f"our matmul count {check['ours'] / 1e9:.3g} GFLOP, "
         f"XLA cost_analysis {check['xla'] / 1e9:.3g} GFLOP (includes element-wise ops)"
     )

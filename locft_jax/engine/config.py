@@ -20,6 +20,8 @@ class EditConfig:
     ``skip_step_loss``: skip a step whose batch loss is below it; ``early_stop_loss``: stop when an
     epoch's mean loss is below it (0 disables either). ``norm_constraint``: FT-M's L∞ bound on the
     change of each trained weight (0 = off). ``prefix_cache``: exact cache of the frozen layers below.
+    ``packing``: lay a batch's requests end to end in a few rows instead of one padded row each
+    (breadth-first only; the same loss, less padding; see ``packing``).
     ``retain_weight``: loss weight of the retain rows passed to ``edit(..., retain=...)``.
     ``early_stop_reliability``: every ``check_every`` epochs, greedy-decode a fixed sample of up to
     64 edit prompts and stop once this share answers the new target exactly (0 = off).
@@ -42,6 +44,7 @@ class EditConfig:
     norm_constraint: float = 0.0
     seed: int = 0
     prefix_cache: bool = True
+    packing: bool = True
     prefix_cache_device_bytes: int = 2 << 30
     max_length: int = 256
     on_bad_record: str = "error"

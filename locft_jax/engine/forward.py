@@ -52,10 +52,21 @@ def prefix_inputs(params: Params, config: ModelConfig, location: Location, point
 
 
 def suffix_hidden(
-    params: Params, config: ModelConfig, location: Location, point: CachePoint | None, inputs: Inputs, mask
+    params: Params,
+    config: ModelConfig,
+    location: Location,
+    point: CachePoint | None,
+    inputs: Inputs,
+    mask,
+    positions=None,
+    segments=None,
 ) -> jax.Array:
-    """Last-layer hidden states (before the final norm), starting from ``point``'s inputs."""
-    ctx = M.make_context(config, mask)
+    """Last-layer hidden states (before the final norm), starting from ``point``'s inputs.
+
+    ``positions``/``segments``: for packed rows (see ``packing``), each token's position in its
+    request and which request it belongs to.
+    """
+    ctx = M.make_context(config, mask, positions, segments)
     layer = location.lowest
     if point is None:
         return M.run_layers(params, M.embed(params, inputs["ids"]), ctx, config)
@@ -69,9 +80,11 @@ def suffix_hidden(
     return M.run_layers(params, h, ctx, config, start=layer + 1)
 
 
-def target_logprobs(params: Params, config: ModelConfig, hidden: jax.Array, target_pos, target_ids) -> jax.Array:
-    """log p(target_ids[b, u] | position target_pos[b, u]): norm and LM head only where needed."""
-    picked = jnp.take_along_axis(hidden, target_pos[..., None], axis=1)
+def target_logprobs(params: Params, config: ModelConfig, picked: jax.Array, target_ids) -> jax.Array:
+    """log p(target_ids[b, u]) from the hidden states ``picked`` at the predicting positions.
+
+    The final norm and LM head run only there (the head is a large share of a small model's work).
+    """
     logits = M.lm_head(params, M.final_norm(params, picked, config), config)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, target_ids[..., None], axis=-1)[..., 0]
@@ -81,6 +94,14 @@ def per_sample_loss(logp: jax.Array, target_mask: jax.Array) -> jax.Array:
     """Mean negative log-likelihood over each sample's target tokens."""
     tmask = target_mask.astype(jnp.float32)
     return -(logp * tmask).sum(-1) / jnp.maximum(tmask.sum(-1), 1.0)
+
+
+def per_slot_loss(logp: jax.Array, target_slot: jax.Array, slots: int) -> jax.Array:
+    """``per_sample_loss`` for flat target tokens: ``target_slot[p]`` is token p's sample, -1 padding."""
+    valid = (target_slot >= 0).astype(jnp.float32)
+    slot = jnp.maximum(target_slot, 0)
+    total = jax.ops.segment_sum(-logp * valid, slot, num_segments=slots)
+    return total / jnp.maximum(jax.ops.segment_sum(valid, slot, num_segments=slots), 1.0)
 
 
 def batch_mean(per_sample: jax.Array, row_valid: jax.Array) -> jax.Array:

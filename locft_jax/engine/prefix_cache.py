@@ -17,9 +17,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from locft_jax.config import ModelConfig
+from locft_jax.engine import packing
 from locft_jax.engine.dataset import EditDataset
 from locft_jax.engine.forward import prefix_inputs
 from locft_jax.engine.locations import CachePoint, Location
+from locft_jax.engine.packing import PackShape
 from locft_jax.params import Params
 from locft_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from locft_jax.tokens import bucket
@@ -96,32 +98,52 @@ def compute_prefix(
     return out
 
 
-class BatchFeeder:
-    """Row indices → the train step's inputs, padded to a fixed row count (one compile per bucket pair).
+def slots_per_batch(rows_per_batch: int, mesh: Mesh) -> int:
+    """A batch's slot count: ``rows_per_batch`` rounded up to split evenly over the data axis."""
+    data_size = mesh.shape[DATA_AXIS]
+    return -(-rows_per_batch // data_size) * data_size
 
-    The row count is a multiple of the mesh's data axis so the batch splits evenly over it.
-    Returns ``(arrays, index, valid, seq_len, tgt_len)``: with a device store the step gathers
-    ``index`` rows itself; with a host store only the batch's rows are sent.
+
+class BatchFeeder:
+    """Row indices → the train step's inputs, padded to a fixed slot count (one compile per shape).
+
+    Returns ``(arrays, feed, seq_len, tgt_len)``: ``feed`` holds ``index`` (the store row of each
+    slot: with a device store the step gathers them itself; with a host store only the batch's
+    rows are sent) and ``valid``; with a ``pack`` shape also the batch's packing layout
+    (``packing.layout``), and ``seq_len`` is the packed row length.
     """
 
-    def __init__(self, store: Store, ds: EditDataset, rows_per_batch: int, mesh: Mesh):
-        self.store, self.ds, self.mesh = store, ds, mesh
-        data_size = mesh.shape[DATA_AXIS]
-        self.batch_rows = -(-rows_per_batch // data_size) * data_size
-        self.row_sharding = batch_sharding(mesh, 1)
+    def __init__(self, store: Store, ds: EditDataset, rows_per_batch: int, mesh: Mesh, pack: PackShape | None = None):
+        self.store, self.ds, self.mesh, self.pack = store, ds, mesh, pack
+        self.batch_rows = slots_per_batch(rows_per_batch, mesh)
 
     def __call__(self, rows: np.ndarray) -> tuple:
         seq_len, tgt_len = self.ds.shape_of(rows)
         padded = np.zeros(self.batch_rows, np.int32)
         padded[: len(rows)] = rows
-        valid = np.arange(self.batch_rows) < len(rows)
+        feed = {"valid": np.arange(self.batch_rows) < len(rows)}
         if self.store.on_device:
-            arrays, index = self.store.arrays, padded
+            arrays, feed["index"] = self.store.arrays, padded
         else:
             arrays = jax.device_put(self.store.rows(padded), replicated(self.mesh))
-            index = np.arange(self.batch_rows, dtype=np.int32)
-        index, valid = jax.device_put((index, valid), self.row_sharding)
-        return arrays, index, valid, seq_len, tgt_len
+            feed["index"] = np.arange(self.batch_rows, dtype=np.int32)
+        if self.pack is not None:
+            feed.update(self._packed(rows, padded))
+            seq_len = self.pack.length
+        feed = jax.device_put(feed, {k: batch_sharding(self.mesh, v.ndim) for k, v in feed.items()})
+        return arrays, feed, seq_len, tgt_len
+
+    def _packed(self, rows: np.ndarray, slot_rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch's packing layout, with each target token's flat position and id."""
+        ds = self.ds
+        plan = packing.layout(packing.slot_lengths(ds.seq_len, rows, self.batch_rows),
+                              packing.slot_lengths(ds.tgt_len, rows, self.batch_rows),
+                              self.mesh.shape[DATA_AXIS], self.pack)
+        slot = np.maximum(plan.target_slot, 0)
+        row, u = slot_rows[slot], plan.target_index
+        return {"slot": plan.slot, "pos": plan.pos, "target_slot": plan.target_slot,
+                "target_at": (plan.start[slot] + ds.target_pos[row, u]).astype(np.int32),
+                "target_ids": ds.target_ids[row, u]}
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

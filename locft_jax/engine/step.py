@@ -1,8 +1,9 @@
 """One jitted train step: gather the batch, loss and gradient of the trainable tensors, Adam.
 
-Shapes are fixed per (sequence bucket, target bucket); the batch is always ``batch_rows`` rows
-(the last short batch is filled with padding rows that ``row_valid`` masks), so the whole run
-compiles once per bucket pair. The batch dim is sharded over the mesh's data axis.
+Shapes are fixed per (sequence bucket, target bucket) — with packing, one packed shape per run;
+the batch always has ``batch_rows`` slots (the last short batch is filled with padding slots that
+``valid`` masks), so the whole run compiles a handful of times at most. The batch dim is sharded
+over the mesh's data axis.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import optax
 from jax.sharding import Mesh
 
 from locft_jax.config import ModelConfig
-from locft_jax.engine.forward import batch_mean, merge, per_sample_loss, suffix_hidden, target_logprobs
+from locft_jax.engine.forward import (
+    batch_mean,
+    merge,
+    per_sample_loss,
+    per_slot_loss,
+    suffix_hidden,
+    target_logprobs,
+)
 from locft_jax.engine.locations import CachePoint, Location
 from locft_jax.params import Params, get_leaf
 from locft_jax.sharding import batch_sharding, replicated
 
 Trainable = dict[str, jax.Array]
+TOKEN_INPUTS = ("ids", "h", "act")  # per-token model inputs in the store (by request and position)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,33 +44,54 @@ class StepSpec:
     norm_constraint: float
 
 
-def batch_loss(
-    trainable: Trainable, params: Params, spec: StepSpec, batch: dict[str, jax.Array], row_valid: jax.Array
-) -> jax.Array:
+def batch_loss(trainable: Trainable, params: Params, spec: StepSpec, batch: dict[str, jax.Array]) -> jax.Array:
     """The reference loss: masked target-token CE, mean per sample, then mean over real rows.
 
     Rows carry a weight: 1 for edits (the reference loss exactly), ``retain_weight`` for retain rows.
     """
     merged = merge(params, {k: v.astype(get_leaf(params, k).dtype) for k, v in trainable.items()})
-    inputs = {k: batch[k] for k in ("ids", "h", "act") if k in batch}
-    hidden = suffix_hidden(merged, spec.config, spec.location, spec.point, inputs, batch["mask"])
-    logp = target_logprobs(merged, spec.config, hidden, batch["target_pos"], batch["target_ids"])
-    return batch_mean(per_sample_loss(logp, batch["target_mask"]) * batch["weight"], row_valid)
+    inputs = {k: batch[k] for k in TOKEN_INPUTS if k in batch}
+    hidden = suffix_hidden(merged, spec.config, spec.location, spec.point, inputs, batch["mask"],
+                           batch.get("positions"), batch.get("segments"))
+    if "target_at" in batch:  # packed: target tokens laid end to end, at flat positions of the rows
+        picked = jnp.take(hidden.reshape(-1, hidden.shape[-1]), batch["target_at"], axis=0)
+        logp = target_logprobs(merged, spec.config, picked, batch["target_ids"])
+        per_sample = per_slot_loss(logp, batch["target_slot"], batch["valid"].shape[0])
+    else:
+        picked = jnp.take_along_axis(hidden, batch["target_pos"][..., None], axis=1)
+        logp = target_logprobs(merged, spec.config, picked, batch["target_ids"])
+        per_sample = per_sample_loss(logp, batch["target_mask"])
+    return batch_mean(per_sample * batch["weight"], batch["valid"])
 
 
-def gather_batch(store: dict[str, jax.Array], rows: jax.Array, seq_len: int, tgt_len: int, mesh: Mesh) -> dict:
-    """Rows of the store, cut to the batch's buckets, sharded over the data axis."""
-    out = {}
-    for key, value in store.items():
-        picked = jnp.take(value, rows, axis=0)
-        if picked.ndim > 1:
-            picked = picked[:, : tgt_len if key.startswith("target") else seq_len]
-        out[key] = jax.lax.with_sharding_constraint(picked, batch_sharding(mesh, picked.ndim))
-    return out
+def gather_batch(store: dict[str, jax.Array], feed: dict[str, jax.Array], seq_len: int, tgt_len: int, mesh: Mesh):
+    """The batch's arrays from the store, sharded over the data axis.
+
+    ``feed["index"]``: the store row of each batch slot; ``feed["valid"]``: which slots are real.
+    Unpacked, every per-request array is cut to the batch's buckets (``seq_len``, ``tgt_len``).
+    Packed (``feed`` carries a layout from ``BatchFeeder``: ``slot``/``pos`` per token and the flat
+    targets ``target_at``/``target_ids``/``target_slot``), token inputs are laid out in its rows.
+    """
+    index = feed["index"]
+    if "slot" in feed:
+        source_row = jnp.take(index, jnp.maximum(feed["slot"], 0))  # [R, L]: store row of each token
+        out = {k: feed[k] for k in ("valid", "target_at", "target_ids", "target_slot")}
+        out.update(mask=feed["slot"] >= 0, segments=feed["slot"], positions=feed["pos"],
+                   weight=jnp.take(store["weight"], index))
+        out.update({k: store[k][source_row, feed["pos"]] for k in TOKEN_INPUTS if k in store})
+    else:
+        out = {"valid": feed["valid"]}
+        for key, value in store.items():
+            picked = jnp.take(value, index, axis=0)
+            out[key] = picked[:, : tgt_len if key.startswith("target") else seq_len] if picked.ndim > 1 else picked
+    return {k: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim)) for k, v in out.items()}
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: tuple):
-    """``step(trainable, opt_state, params, base, projectors, store, rows, row_valid, seq_len=, tgt_len=)``.
+    """``step(trainable, opt_state, params, base, projectors, store, feed, seq_len=, tgt_len=)``.
+
+    ``feed``: the batch's slots (``index``, ``valid``, and a packing layout when packed; see
+    ``gather_batch``).
 
     ``projectors``: name → input-side projector applied to that tensor's update (``null_space``;
     an empty dict when off). Returns ``(trainable, opt_state, loss, applied)``, the state with
@@ -77,12 +107,12 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
         donate_argnums=(0, 1),
         out_shardings=(*state_shardings, scalar, scalar),
     )
-    def step(trainable, opt_state, params, base, projectors, store, rows, row_valid, *, seq_len: int, tgt_len: int):
-        batch = gather_batch(store, rows, seq_len, tgt_len, mesh)
+    def step(trainable, opt_state, params, base, projectors, store, feed, *, seq_len: int, tgt_len: int):
+        batch = gather_batch(store, feed, seq_len, tgt_len, mesh)
         # Gradients of the trainable tensors only; the masked optimizer sees them in the full
         # params structure, where the frozen leaves are placeholders it maps to zero updates
         # (never used, so XLA drops that work).
-        loss, grads = jax.value_and_grad(batch_loss)(trainable, params, spec, batch, row_valid)
+        loss, grads = jax.value_and_grad(batch_loss)(trainable, params, spec, batch)
         updates, new_opt = tx.update(merge(params, grads), opt_state)
         flat_updates = {name: get_leaf(updates, name) for name in trainable}
         flat_updates = {n: u @ projectors[n] if n in projectors else u for n, u in flat_updates.items()}
