@@ -11,6 +11,7 @@ from locft_jax import model as M
 from locft_jax.engine import EditConfig, edit
 from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
 from locft_jax.engine.packing import PackShape, first_fit_decreasing, layout, plan_shape, rows_needed, slot_lengths
+from locft_jax.requests import EditRequest
 from tests.test_engine import FAST, ONE_DEVICE, REQUESTS
 
 
@@ -108,3 +109,12 @@ def test_packing_runs_fewer_tokens_than_padding_each_request(tiny):
     assert shape.rows * shape.length < max(padded)
     assert pack_shape_for(ds, cfg.replace(packing=False), ONE_DEVICE) is None
     assert pack_shape_for(ds, cfg.replace(pipeline="df"), ONE_DEVICE) is None
+
+
+def test_a_packed_run_compiles_once_whatever_its_batches_lengths(tiny):
+    mixed = [EditRequest("Q" + " word" * (i % 7), "a" + " b" * (i % 5)) for i in range(12)]
+    ds = prepare_dataset(tiny.tokenizer, mixed)
+    shapes = {ds.shape_of(rows) for e in range(3) for rows in batches(epoch_order(len(ds), 0, e), 4)}
+    assert len(shapes) > 1  # unpacked, these batches would need several compiles
+    cfg = EditConfig(layers=(2,), **{**FAST, "lr": 2.345e-3, "epochs": 3})  # a setting no other test compiled
+    assert edit(tiny, mixed, cfg, mesh=ONE_DEVICE).compiles == 1

@@ -110,7 +110,7 @@ class BatchFeeder:
     Returns ``(arrays, feed, seq_len, tgt_len)``: ``feed`` holds ``index`` (the store row of each
     slot: with a device store the step gathers them itself; with a host store only the batch's
     rows are sent) and ``valid``; with a ``pack`` shape also the batch's packing layout
-    (``packing.layout``), and ``seq_len`` is the packed row length.
+    (``packing.layout``), and ``seq_len``/``tgt_len`` are the packed shape's row length and target count.
     """
 
     def __init__(self, store: Store, ds: EditDataset, rows_per_batch: int, mesh: Mesh, pack: PackShape | None = None):
@@ -129,7 +129,7 @@ class BatchFeeder:
             feed["index"] = np.arange(self.batch_rows, dtype=np.int32)
         if self.pack is not None:
             feed.update(self._packed(rows, padded))
-            seq_len = self.pack.length
+            seq_len, tgt_len = self.pack.length, self.pack.targets  # one shape for every batch
         feed = jax.device_put(feed, {k: batch_sharding(self.mesh, v.ndim) for k, v in feed.items()})
         return arrays, feed, seq_len, tgt_len
 
