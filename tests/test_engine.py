@@ -111,6 +111,10 @@ def test_prefix_cache_chunks_run_at_their_own_length_and_match_the_plain_path(ti
             np.testing.assert_allclose(got[key][row, :length], np.asarray(full[key][row, :length]), atol=1e-5)
     shortest = int(np.argmin(ds.seq_len))
     assert not got["h"][shortest, ds.seq_len.max():].any()  # its chunk stopped at its own bucket
+    split = prefix_cache.compute_prefix(tiny.params, tiny.config, location, CachePoint.DOWN_INPUT, ds, make_mesh())
+    for key in ("h", "act"):  # chunks of 8 rows (3 rounded up to the 8 devices), split over them
+        for row, length in enumerate(ds.seq_len):
+            np.testing.assert_allclose(split[key][row, :length], got[key][row, :length], atol=1e-5)
     cfg = EditConfig(layers=(2,), **FAST)
     cached = edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
     plain = edit(tiny, REQUESTS, cfg.replace(prefix_cache=False), mesh=ONE_DEVICE)

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -62,7 +61,7 @@ def build_store(
     if point is None:
         host["ids"] = ds.ids
     else:
-        cached = compute_prefix(params, config, location, point, ds)
+        cached = compute_prefix(params, config, location, point, ds, mesh)
         cache_bytes = sum(v.nbytes for v in cached.values())
         host.update(cached)
     on_device = cache_bytes <= device_budget_bytes
@@ -74,23 +73,32 @@ def build_store(
 
 
 def compute_prefix(
-    params: Params, config: ModelConfig, location: Location, point: CachePoint, ds: EditDataset
+    params: Params,
+    config: ModelConfig,
+    location: Location,
+    point: CachePoint,
+    ds: EditDataset,
+    mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time.
 
     Rows go in length order, so each chunk runs at the bucket of its own longest row (not the
     whole set's); positions past a row's chunk length stay zero — padding the step masks anyway.
-    Compiles once per sequence bucket met.
+    With a ``mesh``, each chunk's rows are split over its data axis (every device computes its
+    share, not the whole chunk). Compiles once per sequence bucket met.
     """
     n, width = ds.ids.shape
+    chunk_rows = CHUNK_ROWS if mesh is None else slots_per_batch(CHUNK_ROWS, mesh)
     by_length = np.argsort(ds.seq_len, kind="stable")
     out: dict[str, np.ndarray] = {}
-    for start in range(0, n, CHUNK_ROWS):
+    for start in range(0, n, chunk_rows):
         # the last chunk wraps to keep its row count (one compile per bucket, not per size)
-        rows = by_length[np.arange(start, start + CHUNK_ROWS) % n]
-        keep = min(CHUNK_ROWS, n - start)
+        rows = by_length[np.arange(start, start + chunk_rows) % n]
+        keep = min(chunk_rows, n - start)
         seq = min(width, bucket(int(ds.seq_len[rows[:keep]].max())))
-        ids, mask = jnp.asarray(ds.ids[rows, :seq]), jnp.asarray(ds.mask[rows, :seq])
+        ids, mask = ds.ids[rows, :seq], ds.mask[rows, :seq]
+        if mesh is not None:
+            ids, mask = jax.device_put((ids, mask), batch_sharding(mesh, 2))
         for key, value in _prefix(params, config, location, point, ids, mask).items():
             if key not in out:
                 out[key] = np.zeros((n, width, *value.shape[2:]), dtype=value.dtype)
