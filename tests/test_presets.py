@@ -33,3 +33,26 @@ def test_preset_found_by_shape_and_overrides_win():
     assert edit_config(_config("llama", 4, 64)).layers is None  # no preset: library defaults
     with pytest.raises(ValueError, match="unknown preset 'gpt'"):
         edit_config(smol, "gpt")
+
+
+@pytest.mark.slow
+def test_smollm2_preset_makes_50_real_counterfactuals_stick():
+    """Issue 3's reliability bar on the embedded model: ≥ 95% greedy exact match on 50 capital edits."""
+    from experiments.cli_options import DEFAULT_DATA
+    from experiments.pipeline import load_job_model
+    from locft_jax.data import load_requests
+    from locft_jax.engine import edit
+    from locft_jax.evaluate.generation_match import exact_match
+    from locft_jax.generate import generate_greedy
+    from tests.test_engine import ONE_DEVICE
+
+    model = load_job_model(None)
+    requests = load_requests(DEFAULT_DATA, limit=50).requests
+    config = edit_config(model.config)
+    assert preset_for(model.config) == "smollm2-135m" and config.layers == (20,)
+    before = generate_greedy(model.params, model.config, model.tokenizer, [r.prompt for r in requests])
+    result = edit(model, requests, config, mesh=ONE_DEVICE)
+    after = generate_greedy(result.params, model.config, model.tokenizer, [r.prompt for r in requests])
+    hits = [exact_match(a, r.target_new) for a, r in zip(after, requests, strict=True)]
+    assert sum(exact_match(b, r.target_new) for b, r in zip(before, requests, strict=True)) <= 2
+    assert sum(hits) >= 48, [r.prompt for r, h in zip(requests, hits, strict=True) if not h]
