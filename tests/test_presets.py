@@ -49,7 +49,7 @@ def test_smollm2_preset_makes_50_real_counterfactuals_stick():
     model = load_job_model(None)
     requests = load_requests(DEFAULT_DATA, limit=50).requests
     config = edit_config(model.config)
-    assert preset_for(model.config) == "smollm2-135m" and config.layers == (20,)
+    assert preset_for(model.config) == "smollm2-135m" and config.layers == (25,) and config.module == "mlp"
     before = generate_greedy(model.params, model.config, model.tokenizer, [r.prompt for r in requests])
     result = edit(model, requests, config, mesh=ONE_DEVICE)
     after = generate_greedy(result.params, model.config, model.tokenizer, [r.prompt for r in requests])
