@@ -56,3 +56,30 @@ def test_smollm2_preset_makes_50_real_counterfactuals_stick():
     hits = [exact_match(a, r.target_new) for a, r in zip(after, requests, strict=True)]
     assert sum(exact_match(b, r.target_new) for b, r in zip(before, requests, strict=True)) <= 2
     assert sum(hits) >= 48, [r.prompt for r, h in zip(requests, hits, strict=True) if not h]
+
+
+@pytest.mark.slow
+def test_smollm2_preset_beats_the_papers_recipe_on_locality_and_generalization():
+    """Issue 7's check on a small fixed set: the preset (layer 25 MLP) vs the paper's down_proj at layer 20.
+
+    Measured (16 capital edits, teacher-forced): locality 36.1% vs 30.6%, generalization 75.0% vs 51.6%.
+    """
+    from experiments.cli_options import DEFAULT_DATA
+    from experiments.pipeline import load_job_model
+    from locft_jax.data import load_requests
+    from locft_jax.engine import edit
+    from locft_jax.evaluate import evaluate_requests, snapshot
+    from tests.test_engine import ONE_DEVICE
+
+    model = load_job_model(None)
+    requests = load_requests(DEFAULT_DATA, limit=16).requests
+    pre = snapshot(model.params, model.config, model.tokenizer, requests, ("teacher_forced",))
+    scores = {}
+    for name, config in (("preset", edit_config(model.config)),
+                         ("paper", edit_config(model.config, layers=(20,), module="mlp_down"))):
+        params = edit(model, requests, config, mesh=ONE_DEVICE).params
+        post = evaluate_requests(params, model.config, model.tokenizer, requests, pre=pre, styles=("teacher_forced",))
+        scores[name] = {k.split("/")[1]: v.value for k, v in post.post.items()}
+    assert scores["preset"]["reliability"] >= 0.95 and scores["paper"]["reliability"] >= 0.95
+    assert scores["preset"]["locality"] > scores["paper"]["locality"] + 0.03, scores
+    assert scores["preset"]["generalization"] > scores["paper"]["generalization"] + 0.15, scores
