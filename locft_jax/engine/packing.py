@@ -146,8 +146,8 @@ def plan_shape(
         rows = max(rows_needed(lengths, shards, length) for lengths in epochs[0])
         if best_rows is None or rows * length < best_rows * best_length:
             best_rows, best_length = rows, length
-    rows = max(rows_needed(lengths, shards, best_length) for batch in epochs for lengths in batch)
+    rows = max(rows_needed(lengths, shards, best_length) for epoch in epochs for lengths in epoch)
     targets = max(
-        targets_needed(slot_lengths(tgt_len, rows, batch_rows), shards) for batches in epoch_batches for rows in batches
+        targets_needed(slot_lengths(tgt_len, batch, batch_rows), shards) for epoch in epoch_batches for batch in epoch
     )
     return PackShape(rows, best_length, targets)

@@ -126,7 +126,6 @@ class BatchFeeder:
         self.batch_rows = slots_per_batch(rows_per_batch, mesh)
 
     def __call__(self, rows: np.ndarray) -> tuple:
-        seq_len, tgt_len = self.ds.shape_of(rows)
         padded = np.zeros(self.batch_rows, np.int32)
         padded[: len(rows)] = rows
         feed = {"valid": np.arange(self.batch_rows) < len(rows)}
@@ -138,6 +137,8 @@ class BatchFeeder:
         if self.pack is not None:
             feed.update(self._packed(rows, padded))
             seq_len, tgt_len = self.pack.length, self.pack.targets  # one shape for every batch
+        else:
+            seq_len, tgt_len = self.ds.shape_of(rows)
         feed = jax.device_put(feed, {k: batch_sharding(self.mesh, v.ndim) for k, v in feed.items()})
         return arrays, feed, seq_len, tgt_len
 
