@@ -35,6 +35,7 @@ COLUMNS = {
     "generation/generalization": "generalization",
     "generation/locality": "locality (= pre-edit answer)",
     "generation/locality_retained": "known facts still right",
+    "generation/locality_spill": "became an edit's target",
     "teacher_forced/reliability": "TF reliability",
     "teacher_forced/locality": "TF locality",
 }

@@ -282,6 +282,7 @@ def test_aggregation_rules_on_hand_made_snapshots():
     assert metrics["generation/locality_vs_answer"] == Metric(0.5, 2, 3)
     # Known before the edit: l0 (Madrid) and l2 (Nadella); still right after: l0 only.
     assert metrics["generation/locality_retained"] == Metric(0.5, 2, 2)
+    assert metrics["generation/locality_spill"] == Metric(0.0, 3, 3)  # no answer became "Rome" / "Doe"
     assert rows[1]["metrics"] == {
         "generation/reliability": 0.0,
         "generation/locality": 0.0,
@@ -289,6 +290,25 @@ def test_aggregation_rules_on_hand_made_snapshots():
     }
     own, _ = _metrics(pre, pre, 2)
     assert own["generation/locality"].value == own["generation/locality_retained"].value == 1.0
+
+
+def test_locality_spill_counts_answers_that_became_an_edit_target():
+    probes = [
+        Probe(0, "reliability", "p0", "Rome"),
+        Probe(1, "reliability", "p1", "Doe"),
+        Probe(0, "locality", "l0", "Madrid"),
+        Probe(0, "locality", "l1", "Lisbon"),
+        Probe(1, "locality", "l2", "Nadella"),
+        Probe(1, "locality", "l3", "Smith"),
+    ]
+    settings = {"styles": ["generation"], "max_new_tokens": 32, "stop_at": ["."]}
+    pre = Snapshot(probes, settings, answers=["Paris", "Cook", "Madrid", "Porto", "Doe", "Smith"])
+    post = Snapshot(probes, settings, answers=["Rome", "Doe", "the Rome", "Doe", "Doe", "Smyth"])
+    metrics, _ = _metrics(post, pre, 2)
+    # l0 -> another request's target too ("Rome", articles dropped), l1 -> "Doe": spilled; l2 said
+    # "Doe" before the edit already; l3 changed, but not to a target.
+    assert metrics["generation/locality_spill"] == Metric(0.5, 4, 4)
+    assert "generation/locality_spill" not in _metrics(post, None, 2)[0]
 
 
 def test_write_report_files_are_well_formed(tmp_path, evaluated):

@@ -157,6 +157,9 @@ def _metrics(post: Snapshot, pre: Snapshot | None, n_requests: int) -> tuple[dic
     rows: list[dict] = [{"metrics": {}, "probes": []} for _ in range(n_requests)]
     groups: dict[str, list[list[float]]] = {name: [[] for _ in range(n_requests)] for name in _AGGREGATES}
     retained: list[float] = []
+    spilled: list[float] = []
+    new_targets = [p.answer for p in post.probes if p.kind == "reliability"]
+    compare = post.answers is not None and pre is not None and pre.answers is not None
     for i, probe in enumerate(post.probes):
         scores = _probe_scores(post, pre, i)
         detail = {"kind": probe.kind, "prompt": probe.prompt, "answer": probe.answer}
@@ -170,13 +173,17 @@ def _metrics(post: Snapshot, pre: Snapshot | None, n_requests: int) -> tuple[dic
                 groups[name][probe.request].append(scores[key])
         if "generation_retained" in scores:
             retained.append(scores["generation_retained"])
+        if compare and probe.kind == "locality":
+            spilled.append(float(exact_match(post.answers[i], new_targets)
+                                 and not exact_match(pre.answers[i], new_targets)))
     metrics = {name: mean_of_means(g) for name, g in groups.items() if any(g)}
     for name, g in groups.items():
         for r, values in enumerate(g):
             if values:
                 rows[r]["metrics"][name] = float(np.mean(values))
-    if post.answers is not None and pre is not None and pre.answers is not None:
+    if compare:
         metrics["generation/locality_retained"] = pooled(retained)
+        metrics["generation/locality_spill"] = pooled(spilled)
     if post.fluency_texts is not None:
         entropies = [fluency.n_gram_entropy_of(t) for t in post.fluency_texts]
         metrics["fluency/ngram_entropy"] = Metric(float(np.mean(entropies)), len(entropies), len(entropies))

@@ -42,6 +42,7 @@ LABELS = {
     "generation/locality": "paper: greedy answer on locality prompts exact-matches the pre-edit answer",
     "generation/locality_vs_answer": "greedy answer on locality prompts exact-matches the locality answer",
     "generation/locality_retained": "of locality prompts answered right before the edit, share still right",
+    "generation/locality_spill": "locality prompts whose greedy answer became some edit's target_new (not so before)",
     "fluency/ngram_entropy": "ROME/EasyEdit weighted 2/3-gram entropy of prompt + greedy continuation",
     "capability/multiple_choice_accuracy": "MMLU-format: highest log-likelihood choice is the answer",
     "capability/gsm8k_exact_match": "GSM8K-format: last number of the greedy answer equals #### N",
