@@ -9,7 +9,7 @@ import pytest
 from locft_jax import load_model
 from locft_jax import model as M
 from locft_jax.engine import EditConfig, edit
-from locft_jax.engine.null_space import null_space_projector
+from locft_jax.engine.null_space import damping_matrix, null_space_projector
 from locft_jax.tokens import encode_prompt
 from tests.test_engine import FAST, ONE_DEVICE, REQUESTS
 
@@ -43,6 +43,39 @@ def test_projector_is_the_orthogonal_projector_onto_small_eigen_directions():
     np.testing.assert_allclose(proj @ proj, proj, atol=1e-5)
     assert np.trace(proj) == pytest.approx(7, abs=1e-4)
     np.testing.assert_allclose(keys @ proj, 0, atol=1e-5)
+
+
+def test_damping_matrix_scales_each_eigen_direction_by_tol_over_its_share_plus_tol():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(5, 12)) * np.array([10.0, 3.0, 1.0, 1.0, 1.0])[:, None]  # rank 5 of 12
+    cov = keys.T @ keys
+    tol = 1e-2
+    damp = damping_matrix(cov, tol)
+    np.testing.assert_allclose(damp, damp.T, atol=1e-6)
+    values, vectors = np.linalg.eigh(cov)
+    for value, vector in zip(values, vectors.T, strict=True):
+        expected = tol / (max(value, 0.0) / values.max() + tol)
+        np.testing.assert_allclose(damp @ vector, expected * vector, atol=1e-5)
+    null = null_space_projector(cov, 1e-9)
+    np.testing.assert_allclose(damp @ null, null, atol=1e-5)  # unused directions pass unchanged
+    top = vectors[:, -1]
+    assert top @ damp @ top == pytest.approx(tol / (1 + tol), rel=1e-4)
+
+
+def test_soft_mode_moves_preserved_outputs_less_than_free_training_and_still_learns(tiny):
+    cfg = EditConfig(layers=(2,), module="mlp_down", **{**FAST, "lr": 5e-2, "epochs": 10})
+    free = edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
+    soft = edit(tiny, REQUESTS, cfg.replace(null_space_tol=1e-3, null_space_mode="soft"), preserve=PRESERVE,
+                mesh=ONE_DEVICE)
+    assert soft.log[-1]["loss"] < soft.log[0]["loss"] - 0.2
+    base = np.asarray(tiny.params["model"]["layers"][2]["mlp"]["down_proj"]["weight"])
+    for text in PRESERVE:
+        keys = _inputs(tiny, text, 2)[0]
+        moved = {name: np.abs((np.asarray(r.trainable[DOWN]) - base) @ keys.T).max()
+                 for name, r in (("free", free), ("soft", soft))}
+        assert moved["soft"] < 0.2 * moved["free"], moved
+    with pytest.raises(ValueError, match="null_space_mode='sharp'; valid: hard, soft"):
+        cfg.replace(null_space_mode="sharp")
 
 
 @pytest.mark.parametrize("module,names", [("mlp_down", [DOWN]), ("mlp", [DOWN, UP])])

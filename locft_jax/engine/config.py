@@ -9,6 +9,7 @@ PIPELINES = ("bf", "df")
 OBJECTIVES = ("ft-m", "ft-l")
 SCHEDULES = ("constant", "cosine")
 ON_BAD_RECORD = ("error", "skip")
+NULL_SPACE_MODES = ("hard", "soft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class EditConfig:
     64 edit prompts and stop once this share answers the new target exactly (0 = off).
     ``null_space_tol``: project every update onto the null space of the edited tensors' inputs on
     the ``preserve`` texts and retain rows, dropping eigen-directions above ``tol × λ_max`` (0 = off).
+    ``null_space_mode``: ``hard`` (that projection) or ``soft`` (damp each eigen-direction of the
+    inputs by ``tol / (λ/λ_max + tol)`` instead: ROME/MEMIT's ``C⁻¹`` key whitening; see ``null_space``).
     """
 
     layers: tuple[int, ...] | None = None
@@ -53,6 +56,7 @@ class EditConfig:
     early_stop_reliability: float = 0.0
     check_every: int = 5
     null_space_tol: float = 0.0
+    null_space_mode: str = "hard"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -60,6 +64,7 @@ class EditConfig:
             ("objective", OBJECTIVES),
             ("schedule", SCHEDULES),
             ("on_bad_record", ON_BAD_RECORD),
+            ("null_space_mode", NULL_SPACE_MODES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EditConfig.{name}={getattr(self, name)!r}; valid: {', '.join(allowed)}")

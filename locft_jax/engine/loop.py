@@ -190,7 +190,8 @@ def _projectors(model: Model, params, location, names, config: EditConfig, retai
         return {}
     texts = list(preserve) + [f"{r.prompt} {r.target_new}" for r in retain]
     covariances = input_covariances(params, model.config, location, model.tokenizer, texts, config.max_length)
-    return jax.device_put(projectors_for(names, covariances, config.null_space_tol), replicated(mesh))
+    matrices = projectors_for(names, covariances, config.null_space_tol, config.null_space_mode)
+    return jax.device_put(matrices, replicated(mesh))
 
 
 def pack_shape_for(ds, config: EditConfig, mesh: Mesh) -> PackShape | None:

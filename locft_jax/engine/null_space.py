@@ -7,6 +7,12 @@ and let ``P`` project onto the eigenvectors of ``C`` whose eigenvalue is at most
 ``tol × λ_max``. Every optimizer update is multiplied by ``P`` on the input side, so the total
 change stays in that null space: ``ΔW k ≈ 0`` on the preserved inputs — exactly, up to the
 dropped eigenvalues (AlphaEdit's projection, here applied to each Adam step of LocFT-BF).
+
+The soft mode multiplies by ``D = tol (C/λ_max + tol I)⁻¹`` instead: each eigen-direction of ``C``
+is damped by ``tol / (λ/λ_max + tol)`` — directions the preserved inputs use strongly by about
+``tol λ_max / λ``, unused ones not at all. That is the ``C⁻¹`` whitening of the key that makes
+ROME/MEMIT updates specific to their subject, here applied to each Adam step; nothing is removed
+outright, so the edit keeps more to learn from than under the hard projection.
 """
 
 from __future__ import annotations
@@ -88,10 +94,20 @@ def null_space_projector(covariance: np.ndarray, tol: float) -> np.ndarray:
     return (null @ null.T).astype(np.float32)
 
 
+def damping_matrix(covariance: np.ndarray, tol: float) -> np.ndarray:
+    """``tol (C/λ_max + tol I)⁻¹``: eigen-direction λ of ``covariance`` scaled by ``tol/(λ/λ_max + tol)`` (float32)."""
+    values, vectors = np.linalg.eigh(covariance)
+    scale = tol / (np.maximum(values, 0.0) / values.max() + tol)
+    return ((vectors * scale) @ vectors.T).astype(np.float32)
+
+
+MATRICES = {"hard": null_space_projector, "soft": damping_matrix}
+
+
 def projectors_for(
-    names: Sequence[str], covariances: dict[tuple[int, str], np.ndarray], tol: float
+    names: Sequence[str], covariances: dict[tuple[int, str], np.ndarray], tol: float, mode: str = "hard"
 ) -> dict[str, np.ndarray]:
-    """One input-side projector per trainable weight, from its layer's covariance of that input."""
+    """One input-side matrix per trainable weight (``mode``: a ``MATRICES`` key), from its input covariance."""
     built: dict[tuple[int, str], np.ndarray] = {}
     out = {}
     for name in names:
@@ -100,6 +116,6 @@ def projectors_for(
         if kind is None:
             raise ValueError(f"null-space projection has no input for tensor {name}")
         if (layer, kind) not in built:
-            built[layer, kind] = null_space_projector(covariances[layer, kind], tol)
+            built[layer, kind] = MATRICES[mode](covariances[layer, kind], tol)
         out[name] = built[layer, kind]
     return out
