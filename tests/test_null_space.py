@@ -108,15 +108,15 @@ def test_null_space_needs_texts_and_a_supported_module(tiny):
         edit(tiny, REQUESTS, cfg.replace(module="attn"), preserve=PRESERVE, mesh=ONE_DEVICE)
 
 
-@pytest.mark.slow
-def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm2():
-    """Issue 7's check on the real model: 16 capital counterfactuals, layer 3, same training."""
+@pytest.fixture(scope="module")
+def smollm2_capitals():
+    """The real model, 16 capital counterfactuals, their pre-edit snapshot, and 50 neighbours + general text."""
     from pathlib import Path
 
     from convert.embedded import smollm2_gguf_path
     from locft_jax.augment import retain_requests
     from locft_jax.data import load_requests, load_texts
-    from locft_jax.evaluate import evaluate_requests, snapshot
+    from locft_jax.evaluate import snapshot
 
     data = Path(__file__).parents[1] / "experiments" / "data"
     model = load_model(smollm2_gguf_path(), mesh=ONE_DEVICE)
@@ -128,12 +128,38 @@ def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm
                 retain_requests(model.params, model.config, model.tokenizer, neighbours)]
     preserve += load_texts(data / "preserve.txt")
     pre = snapshot(model.params, model.config, model.tokenizer, edits, ("teacher_forced",))
-    cfg = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
+    return model, edits, preserve, pre
+
+
+def _teacher_forced_scores(setup, runs) -> dict[str, dict[str, float]]:
+    from locft_jax.evaluate import evaluate_requests
+
+    model, edits, preserve, pre = setup
     scores = {}
-    for name, config, texts in (("plain", cfg, ()), ("null-space", cfg.replace(null_space_tol=1e-3), preserve)):
+    for name, config in runs.items():
+        texts = preserve if config.null_space_tol > 0 else ()
         result = edit(model, edits, config, preserve=texts, mesh=ONE_DEVICE)
         post = evaluate_requests(result.params, model.config, model.tokenizer, edits, pre=pre,
                                  styles=("teacher_forced",)).post
         scores[name] = {k: post[f"teacher_forced/{k}"].value for k in ("reliability", "locality")}
+    return scores
+
+
+@pytest.mark.slow
+def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm2(smollm2_capitals):
+    """Issue 7's check on the real model: 16 capital counterfactuals, layer 3, same training."""
+    cfg = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
+    scores = _teacher_forced_scores(smollm2_capitals, {"plain": cfg, "null-space": cfg.replace(null_space_tol=1e-3)})
     assert scores["null-space"]["locality"] > scores["plain"]["locality"] + 0.15, scores
     assert scores["null-space"]["reliability"] >= 0.7, scores
+
+
+@pytest.mark.slow
+def test_soft_null_space_keeps_neighbour_facts_better_at_the_preset_location_on_smollm2(smollm2_capitals):
+    """The smollm2-135m preset's location (layer 25 MLP), plain vs soft null space, same training."""
+    cfg = EditConfig(layers=(25,), module="mlp", lr=1e-3, batch_size=8, epochs=40)
+    soft = cfg.replace(null_space_tol=1e-2, null_space_mode="soft")
+    scores = _teacher_forced_scores(smollm2_capitals, {"plain": cfg, "soft": soft})
+    # measured 2026-11-23: teacher-forced locality 36.1% -> 58.3%, reliability 100% in both
+    assert scores["soft"]["locality"] > scores["plain"]["locality"] + 0.10, scores
+    assert scores["soft"]["reliability"] >= 0.95, scores
