@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         retain = retain_requests(model.params, model.config, model.tokenizer, [r.prompt for r in neighbours])
         for variant in args.variants:
             train, keep = training_rows(variant, requests, retain, config.seed)
-            variant_config, preserve = config, ()
+            variant_config, preserve = config.replace(null_space_tol=0.0), ()  # --set null_space_* is +null-space's
             if variant in ("+null-space", "all"):
                 variant_config = config.replace(null_space_tol=config.null_space_tol or DEFAULT_NULL_SPACE_TOL)
                 # edit() adds the retain rows' texts itself
