@@ -20,7 +20,7 @@ import numpy as np
 from locft_jax import generate
 from locft_jax.config import ModelConfig
 from locft_jax.evaluate import fluency, teacher_forced
-from locft_jax.evaluate.generation_match import exact_match
+from locft_jax.evaluate.generation_match import exact_match, normalize_answer
 from locft_jax.evaluate.metrics import Metric, mean_of_means, pooled
 from locft_jax.model import Params
 from locft_jax.requests import EditRequest
@@ -158,7 +158,7 @@ def _metrics(post: Snapshot, pre: Snapshot | None, n_requests: int) -> tuple[dic
     groups: dict[str, list[list[float]]] = {name: [[] for _ in range(n_requests)] for name in _AGGREGATES}
     retained: list[float] = []
     spilled: list[float] = []
-    new_targets = [p.answer for p in post.probes if p.kind == "reliability"]
+    new_targets = {normalize_answer(p.answer) for p in post.probes if p.kind == "reliability"}
     compare = post.answers is not None and pre is not None and pre.answers is not None
     for i, probe in enumerate(post.probes):
         scores = _probe_scores(post, pre, i)
@@ -174,8 +174,8 @@ def _metrics(post: Snapshot, pre: Snapshot | None, n_requests: int) -> tuple[dic
         if "generation_retained" in scores:
             retained.append(scores["generation_retained"])
         if compare and probe.kind == "locality":
-            spilled.append(float(exact_match(post.answers[i], new_targets)
-                                 and not exact_match(pre.answers[i], new_targets)))
+            spilled.append(float(normalize_answer(post.answers[i]) in new_targets
+                                 and normalize_answer(pre.answers[i]) not in new_targets))
     metrics = {name: mean_of_means(g) for name, g in groups.items() if any(g)}
     for name, g in groups.items():
         for r, values in enumerate(g):
