@@ -50,6 +50,7 @@ METRICS = {
     "reliability_gen": "generation/reliability",
     "generalization_gen": "generation/generalization",
     "locality_gen": "generation/locality",
+    "spill_gen": "generation/locality_spill",
 }
 # the four edit-success columns as plot legends name them
 SCORE_LABELS = {
