@@ -264,17 +264,20 @@ def test_without_pre_only_pre_free_metrics(llama_pre_post):
     }
 
 
-def test_aggregation_rules_on_hand_made_snapshots():
-    probes = [
-        Probe(0, "reliability", "p0", "Rome"),
-        Probe(0, "locality", "l0", "Madrid"),
-        Probe(0, "locality", "l1", "Lisbon"),
-        Probe(1, "reliability", "p1", "Doe"),
-        Probe(1, "locality", "l2", "Nadella"),
-    ]
+def _generation_snapshots(probes: list[tuple], pre_answers: list[str], post_answers: list[str]):
+    """(pre, post) snapshots of greedy answers on hand-made probes ``(request, kind, prompt, answer)``."""
     settings = {"styles": ["generation"], "max_new_tokens": 32, "stop_at": ["."]}
-    pre = Snapshot(probes, settings, answers=["Paris", "Madrid", "Porto", "Cook", "Nadella"])
-    post = Snapshot(probes, settings, answers=["Rome", "madrid", "Lisbon", "Cook", "Gates"])
+    made = [Probe(*p) for p in probes]
+    return Snapshot(made, settings, answers=pre_answers), Snapshot(made, settings, answers=post_answers)
+
+
+def test_aggregation_rules_on_hand_made_snapshots():
+    pre, post = _generation_snapshots(
+        [(0, "reliability", "p0", "Rome"), (0, "locality", "l0", "Madrid"), (0, "locality", "l1", "Lisbon"),
+         (1, "reliability", "p1", "Doe"), (1, "locality", "l2", "Nadella")],
+        ["Paris", "Madrid", "Porto", "Cook", "Nadella"],
+        ["Rome", "madrid", "Lisbon", "Cook", "Gates"],
+    )
     metrics, rows = _metrics(post, pre, 2)
     assert metrics["generation/reliability"] == Metric(0.5, 2, 2)
     # Request 0: madrid==Madrid (1), Lisbon!=Porto (0) -> 0.5; request 1: Gates!=Nadella -> 0.
@@ -293,17 +296,12 @@ def test_aggregation_rules_on_hand_made_snapshots():
 
 
 def test_locality_spill_counts_answers_that_became_an_edit_target():
-    probes = [
-        Probe(0, "reliability", "p0", "Rome"),
-        Probe(1, "reliability", "p1", "Doe"),
-        Probe(0, "locality", "l0", "Madrid"),
-        Probe(0, "locality", "l1", "Lisbon"),
-        Probe(1, "locality", "l2", "Nadella"),
-        Probe(1, "locality", "l3", "Smith"),
-    ]
-    settings = {"styles": ["generation"], "max_new_tokens": 32, "stop_at": ["."]}
-    pre = Snapshot(probes, settings, answers=["Paris", "Cook", "Madrid", "Porto", "Doe", "Smith"])
-    post = Snapshot(probes, settings, answers=["Rome", "Doe", "the Rome", "Doe", "Doe", "Smyth"])
+    pre, post = _generation_snapshots(
+        [(0, "reliability", "p0", "Rome"), (1, "reliability", "p1", "Doe"), (0, "locality", "l0", "Madrid"),
+         (0, "locality", "l1", "Lisbon"), (1, "locality", "l2", "Nadella"), (1, "locality", "l3", "Smith")],
+        ["Paris", "Cook", "Madrid", "Porto", "Doe", "Smith"],
+        ["Rome", "Doe", "the Rome", "Doe", "Doe", "Smyth"],
+    )
     metrics, _ = _metrics(post, pre, 2)
     # l0 -> another request's target too ("Rome", articles dropped), l1 -> "Doe": spilled; l2 said
     # "Doe" before the edit already; l3 changed, but not to a target.
