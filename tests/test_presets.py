@@ -35,18 +35,25 @@ def test_preset_found_by_shape_and_overrides_win():
         edit_config(smol, "gpt")
 
 
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded SmolLM2-135M, loaded once for the slow tests of this module."""
+    from experiments.pipeline import load_job_model
+
+    return load_job_model(None)
+
+
 @pytest.mark.slow
-def test_smollm2_preset_makes_50_real_counterfactuals_stick():
+def test_smollm2_preset_makes_50_real_counterfactuals_stick(embedded):
     """Issue 3's reliability bar on the embedded model: ≥ 95% greedy exact match on 50 capital edits."""
     from experiments.cli_options import DEFAULT_DATA
-    from experiments.pipeline import load_job_model
     from locft_jax.data import load_requests
     from locft_jax.engine import edit
     from locft_jax.evaluate.generation_match import exact_match
     from locft_jax.generate import generate_greedy
     from tests.test_engine import ONE_DEVICE
 
-    model = load_job_model(None)
+    model = embedded
     requests = load_requests(DEFAULT_DATA, limit=50).requests
     config = edit_config(model.config)
     assert preset_for(model.config) == "smollm2-135m" and config.layers == (25,) and config.module == "mlp"
@@ -59,19 +66,18 @@ def test_smollm2_preset_makes_50_real_counterfactuals_stick():
 
 
 @pytest.mark.slow
-def test_smollm2_preset_beats_the_papers_recipe_on_locality_and_generalization():
+def test_smollm2_preset_beats_the_papers_recipe_on_locality_and_generalization(embedded):
     """Issue 7's check on a small fixed set: the preset (layer 25 MLP) vs the paper's down_proj at layer 20.
 
     Measured (16 capital edits, teacher-forced): locality 36.1% vs 30.6%, generalization 75.0% vs 51.6%.
     """
     from experiments.cli_options import DEFAULT_DATA
-    from experiments.pipeline import load_job_model
     from locft_jax.data import load_requests
     from locft_jax.engine import edit
     from locft_jax.evaluate import evaluate_requests, snapshot
     from tests.test_engine import ONE_DEVICE
 
-    model = load_job_model(None)
+    model = embedded
     requests = load_requests(DEFAULT_DATA, limit=16).requests
     pre = snapshot(model.params, model.config, model.tokenizer, requests, ("teacher_forced",))
     scores = {}
