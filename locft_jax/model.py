@@ -170,14 +170,44 @@ def run_layers(
     return h
 
 
+def pick_positions(h: jax.Array, at: jax.Array) -> jax.Array:
+    """Hidden states ``h`` [B, T, D] at ``at``.
+
+    ``at``: flat indices into B × T ([P] → [P, D]) or positions within each row ([B, U] → [B, U, D]).
+    """
+    if at.ndim == 1:
+        return jnp.take(h.reshape(-1, h.shape[-1]), at, axis=0)
+    return jnp.take_along_axis(h, at[..., None], axis=1)
+
+
+def run_layers_at(
+    params: Params, h: jax.Array, ctx: Context, config: ModelConfig, at: jax.Array, start: int = 0
+) -> jax.Array:
+    """``pick_positions(run_layers(params, h, ctx, config, start), at)``, doing less work.
+
+    The top layer's MLP is a per-token function, so it runs only at ``at``; its attention still
+    reads every token.
+    """
+    layers = params["model"]["layers"]
+    top = len(layers) - 1
+    if start > top:
+        return pick_positions(h, at)
+    h = attention_block(layers[top], run_layers(params, h, ctx, config, start, top), ctx, config)
+    return mlp_block(layers[top], pick_positions(h, at), config)
+
+
 def final_norm(params: Params, h: jax.Array, config: ModelConfig) -> jax.Array:
     return rms_norm(h, params["model"]["norm"]["weight"], config.rms_norm_eps)
 
 
+def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
+    """The ``[vocab, hidden]`` output projection (the token embeddings when tied)."""
+    return params["model"]["embed_tokens"]["weight"] if config.tie_word_embeddings else params["lm_head"]["weight"]
+
+
 def lm_head(params: Params, h_normed: jax.Array, config: ModelConfig) -> jax.Array:
     """Float32 logits from final-normed hidden states (tied embeddings when configured)."""
-    w = params["model"]["embed_tokens"]["weight"] if config.tie_word_embeddings else params["lm_head"]["weight"]
-    return jnp.einsum("...i,vi->...v", h_normed, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("...i,vi->...v", h_normed, lm_head_weight(params, config), preferred_element_type=jnp.float32)
 
 
 def hidden_states(

@@ -77,16 +77,17 @@ def test_roofline_writes_results(tiny_llama_dir, tmp_path):
 
 
 def test_edit_flops_counts_by_hand():
-    """One layer above the edit, the LM head at 2 targets; every term written out."""
+    """One layer above the edit (the top one: its MLP and the LM head at the 2 targets only); every term written out."""
     from locft_jax.config import ModelConfig
 
     cfg = ModelConfig.from_hf_config(hf_config("llama").to_dict())
     d, f, v, t, u = 64, 96, cfg.vocab_size, 10, 2
     q, kv = 4 * 16, 2 * 16
     proj, core, mlp = 2 * t * d * (2 * q + 2 * kv), 4 * t * t * q, 6 * t * d * f
+    top_mlp = 6 * u * d * f
     got = roofline.edit_flops(cfg, 2, t, u)
-    assert got.forward == 2 * t * f * d + proj + core + mlp + 2 * u * d * v
-    assert got.backward == 2 * u * d * v + proj + 2 * core + mlp + 2 * t * f * d
+    assert got.forward == 2 * t * f * d + proj + core + top_mlp + 2 * u * d * v
+    assert got.backward == 2 * u * d * v + proj + 2 * core + top_mlp + 2 * t * f * d
     full = roofline.edit_flops(cfg, 2, t, u, from_embeddings=True, all_positions=True)
     assert full.forward == 4 * (proj + core + mlp) + 2 * t * d * v
 

@@ -3,8 +3,8 @@
 FLOP accounting (matmuls only, 2 per multiply-add; norms, softmax, RoPE, Adam are left out):
 
 * forward, with the prefix cache (``mlp_down`` at layer l): ``down_proj`` of layer l, every layer
-  above it in full (q/k/v/o, the T×T score and value products, gate/up/down), and the LM head
-  only at the target positions;
+  above it in full (q/k/v/o, the T×T score and value products, gate/up/down) except the top
+  layer's MLP, which like the LM head runs only at the target positions;
 * backward: frozen weights need no weight gradient, only activation gradients: one matmul of the
   forward's size per linear layer, two per attention product (both operands are activations), the
   LM head's input gradient; plus the one weight gradient of the trained ``down_proj``. Nothing
@@ -66,17 +66,19 @@ def edit_flops(config, layer: int, seq_len: int, tgt_len: int, *, from_embedding
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     t = seq_len
-    head_rows = t if all_positions else tgt_len
+    read_rows = t if all_positions else tgt_len  # where the LM head (and the top layer's MLP) run
     proj = 2 * t * d * (2 * q + 2 * kv)  # q, k, v, o
     core = 2 * (2 * t * t * q)  # scores and probs @ v, all heads
-    mlp = 3 * 2 * t * d * f
+    mlp_per_row = 3 * 2 * d * f
     down = 2 * t * f * d
     above = config.num_hidden_layers - 1 - layer
-    head = 2 * head_rows * d * v
-    forward = down + above * (proj + core + mlp) + head
+    # every layer above in full, except the top layer's MLP: only at the rows the loss reads
+    mlp_above = (above - 1) * t * mlp_per_row + read_rows * mlp_per_row if above else 0
+    head = 2 * read_rows * d * v
+    forward = down + above * (proj + core) + mlp_above + head
     if from_embeddings:
-        forward += layer * (proj + core + mlp) + proj + core + (mlp - down)
-    backward = head + above * (proj + 2 * core + mlp) + down
+        forward += layer * (proj + core + t * mlp_per_row) + proj + core + t * mlp_per_row - down
+    backward = head + above * (proj + 2 * core) + mlp_above + down
     return Flops(float(forward), float(backward))
 
 

@@ -30,6 +30,9 @@ class EditConfig:
     the ``preserve`` texts and retain rows, dropping eigen-directions above ``tol × λ_max`` (0 = off).
     ``null_space_mode``: ``hard`` (that projection) or ``soft`` (damp each eigen-direction of the
     inputs by ``tol / (λ/λ_max + tol)`` instead: ROME/MEMIT's ``C⁻¹`` key whitening; see ``null_space``).
+    ``head_chunk``: the train step's LM head runs over the vocabulary in chunks of this many rows,
+    forming the loss and its gradient in one pass over the head weight (``head_loss``); 0 = plain
+    logits and log-softmax. Plain whenever the head weight is split over the model axis.
     """
 
     layers: tuple[int, ...] | None = None
@@ -57,6 +60,7 @@ class EditConfig:
     check_every: int = 5
     null_space_tol: float = 0.0
     null_space_mode: str = "hard"
+    head_chunk: int = 2048
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -75,6 +79,8 @@ class EditConfig:
         for name in ("epochs", "batch_size", "max_length", "model_parallel", "check_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"EditConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.head_chunk) < 0:
+            raise ValueError(f"EditConfig.head_chunk must be >= 0 (0 = plain head), got {self.head_chunk!r}")
         if not self.lr > 0:
             raise ValueError(f"EditConfig.lr must be > 0, got {self.lr!r}")
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from locft_jax import model as M
 from locft_jax.config import ModelConfig
+from locft_jax.engine.head_loss import chunked_target_logprobs
 from locft_jax.engine.locations import CachePoint, Location
 from locft_jax.params import Params, name_path
 
@@ -58,34 +59,45 @@ def suffix_hidden(
     point: CachePoint | None,
     inputs: Inputs,
     mask,
+    at,
     positions=None,
     segments=None,
 ) -> jax.Array:
-    """Last-layer hidden states (before the final norm), starting from ``point``'s inputs.
+    """Last-layer hidden states (before the final norm) at ``at``, starting from ``point``'s inputs.
 
-    ``positions``/``segments``: for packed rows (see ``packing``), each token's position in its
-    request and which request it belongs to.
+    ``at``: the positions the loss reads (``model.pick_positions``: flat [P] or per row [B, U]); the
+    top layer's MLP runs only there. ``positions``/``segments``: for packed rows (see ``packing``),
+    each token's position in its request and which request it belongs to.
     """
     ctx = M.make_context(config, mask, positions, segments)
     layer = location.lowest
     if point is None:
-        return M.run_layers(params, M.embed(params, inputs["ids"]), ctx, config)
+        return M.run_layers_at(params, M.embed(params, inputs["ids"]), ctx, config, at)
     if point is CachePoint.LAYER_INPUT:
-        return M.run_layers(params, inputs["h"], ctx, config, start=layer)
+        return M.run_layers_at(params, inputs["h"], ctx, config, at, start=layer)
     lp = params["model"]["layers"][layer]
     if point is CachePoint.MLP_INPUT:
         h = M.mlp_block(lp, inputs["h"], config)
     else:
         h = inputs["h"] + M.linear(inputs["act"], lp["mlp"]["down_proj"])
-    return M.run_layers(params, h, ctx, config, start=layer + 1)
+    return M.run_layers_at(params, h, ctx, config, at, start=layer + 1)
 
 
-def target_logprobs(params: Params, config: ModelConfig, picked: jax.Array, target_ids) -> jax.Array:
+def target_logprobs(
+    params: Params, config: ModelConfig, picked: jax.Array, target_ids, head_chunk: int = 0
+) -> jax.Array:
     """log p(target_ids[b, u]) from the hidden states ``picked`` at the predicting positions.
 
     The final norm and LM head run only there (the head is a large share of a small model's work).
+    ``head_chunk > 0``: the head runs over the vocabulary in chunks of that many rows with its
+    gradient formed on the way (``head_loss``); 0: plain logits and log-softmax.
     """
-    logits = M.lm_head(params, M.final_norm(params, picked, config), config)
+    normed = M.final_norm(params, picked, config)
+    if head_chunk:
+        flat = chunked_target_logprobs(normed.reshape(-1, normed.shape[-1]), M.lm_head_weight(params, config),
+                                       target_ids.reshape(-1), head_chunk)
+        return flat.reshape(target_ids.shape)
+    logits = M.lm_head(params, normed, config)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, target_ids[..., None], axis=-1)[..., 0]
 

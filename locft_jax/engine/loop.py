@@ -105,7 +105,8 @@ def edit(
     steps_per_epoch = len(ds) if config.pipeline == "df" else -(-len(ds) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs if config.pipeline == "bf" else config.epochs
     trainable = jax.device_put(trainable, shardings)
-    spec = StepSpec(model.config, location, point, config.skip_step_loss, config.norm_constraint)
+    head_chunk = config.head_chunk if mesh.shape[MODEL_AXIS] == 1 else 0  # a split head stays plain
+    spec = StepSpec(model.config, location, point, config.skip_step_loss, config.norm_constraint, head_chunk)
     tx, step, opt_shardings = _train_step_for(spec, config, total_steps, params, trainable, mesh)
     opt_state = jax.device_put(init_opt_state(tx, params, trainable), opt_shardings)
     compiles_before = step._cache_size()

@@ -42,6 +42,7 @@ class StepSpec:
     point: CachePoint | None
     skip_step_loss: float
     norm_constraint: float
+    head_chunk: int = 0  # > 0: the LM head runs in vocabulary chunks of this size (``head_loss``)
 
 
 def batch_loss(trainable: Trainable, params: Params, spec: StepSpec, batch: dict[str, jax.Array]) -> jax.Array:
@@ -51,15 +52,14 @@ def batch_loss(trainable: Trainable, params: Params, spec: StepSpec, batch: dict
     """
     merged = merge(params, {k: v.astype(get_leaf(params, k).dtype) for k, v in trainable.items()})
     inputs = {k: batch[k] for k in TOKEN_INPUTS if k in batch}
-    hidden = suffix_hidden(merged, spec.config, spec.location, spec.point, inputs, batch["mask"],
+    packed = "target_at" in batch  # packed: target tokens laid end to end, at flat positions of the rows
+    picked = suffix_hidden(merged, spec.config, spec.location, spec.point, inputs, batch["mask"],
+                           batch["target_at"] if packed else batch["target_pos"],
                            batch.get("positions"), batch.get("segments"))
-    if "target_at" in batch:  # packed: target tokens laid end to end, at flat positions of the rows
-        picked = jnp.take(hidden.reshape(-1, hidden.shape[-1]), batch["target_at"], axis=0)
-        logp = target_logprobs(merged, spec.config, picked, batch["target_ids"])
+    logp = target_logprobs(merged, spec.config, picked, batch["target_ids"], spec.head_chunk)
+    if packed:
         per_sample = per_slot_loss(logp, batch["target_slot"], batch["valid"].shape[0])
     else:
-        picked = jnp.take_along_axis(hidden, batch["target_pos"][..., None], axis=1)
-        logp = target_logprobs(merged, spec.config, picked, batch["target_ids"])
         per_sample = per_sample_loss(logp, batch["target_mask"])
     return batch_mean(per_sample * batch["weight"], batch["valid"])
 
