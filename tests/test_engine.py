@@ -15,6 +15,7 @@ from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
 from locft_jax.params import flatten, unflatten
 from locft_jax.requests import EditRequest, RequestError
 from locft_jax.sharding import make_mesh
+from locft_jax.tokens import PromptTarget, encode_prompt, encode_target, pad_target_batch
 
 REQUESTS = [
     EditRequest("The capital of Atlantis is", "Poseidonia"),
@@ -44,8 +45,11 @@ def _changed(before, after) -> set[str]:
 
 
 def _plain_reference(model, requests, cfg: EditConfig, names: list[str]) -> dict[str, np.ndarray]:
-    """The obvious implementation: full logits, full-model gradients, an optax-masked Adam."""
-    ds = prepare_dataset(model.tokenizer, requests)
+    """The obvious implementation: every token of prompt + target + EOS, full logits, full-model gradients,
+    an optax-masked Adam."""
+    pairs = [PromptTarget(encode_prompt(model.tokenizer, r.prompt), encode_target(model.tokenizer, r.target_new))
+             for r in requests]
+    ds = pad_target_batch(pairs, max(len(p) + len(t) for p, t in pairs), max(len(t) for _, t in pairs))
     flat = flatten(model.params)
     labels = unflatten({k: ("edit" if k in names else "frozen") for k in flat}, model.config)
     tx = optax.partition({"edit": optax.adam(cfg.lr), "frozen": optax.set_to_zero()}, labels)
@@ -65,7 +69,7 @@ def _plain_reference(model, requests, cfg: EditConfig, names: list[str]) -> dict
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
     for epoch in range(cfg.epochs):
-        for rows in batches(epoch_order(len(ds), cfg.seed, epoch), cfg.batch_size):
+        for rows in batches(epoch_order(len(pairs), cfg.seed, epoch), cfg.batch_size):
             _, grads = grad_fn(params, tuple(int(r) for r in rows))
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -77,8 +81,13 @@ def test_engine_equals_plain_masked_full_model_training(tiny, module):
     cfg = EditConfig(layers=(2,), module=module, **FAST)
     result = edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
     want = _plain_reference(tiny, REQUESTS, cfg, list(result.trainable))
+    base = flatten(tiny.params)
     for name, value in want.items():
-        np.testing.assert_allclose(np.asarray(result.trainable[name]), value, atol=1e-5, rtol=0, err_msg=name)
+        got, start = np.asarray(result.trainable[name]), np.asarray(base[name])
+        # Float32 sums in another order (packed rows, chunked LM head), through 12 Adam steps: the
+        # update agrees to 1e-5 relative; single entries (attention's q/k) to ~1e-5 absolute.
+        assert np.linalg.norm((got - start) - (value - start)) <= 2e-5 * np.linalg.norm(value - start), name
+        np.testing.assert_allclose(got, value, atol=3e-5, rtol=0, err_msg=name)
     assert _changed(tiny.params, result.params) == set(want)
 
 
@@ -120,6 +129,18 @@ def test_prefix_cache_chunks_run_at_their_own_length_and_match_the_plain_path(ti
     plain = edit(tiny, REQUESTS, cfg.replace(prefix_cache=False), mesh=ONE_DEVICE)
     name = "model.layers.2.mlp.down_proj.weight"
     np.testing.assert_allclose(np.asarray(cached.trainable[name]), np.asarray(plain.trainable[name]), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["ft-m", "ft-l"])
+def test_only_tokens_the_loss_reads_run(tiny, objective):
+    """ft-m: the final EOS predicts nothing and is dropped; ft-l: only the prompt runs."""
+    ds = prepare_dataset(tiny.tokenizer, REQUESTS, objective)
+    for row, req in enumerate(REQUESTS):
+        prompt, target = encode_prompt(tiny.tokenizer, req.prompt), encode_target(tiny.tokenizer, req.target_new)
+        want = prompt + target[:-1] if objective == "ft-m" else prompt
+        assert ds.seq_len[row] == len(want) == ds.target_pos[row][ds.target_mask[row]].max() + 1
+        assert list(ds.ids[row][ds.mask[row]]) == want and not ds.ids[row][len(want):].any()
+        assert list(ds.target_ids[row][ds.target_mask[row]]) == target  # every target token still scored
 
 
 def test_host_store_equals_device_store(tiny):

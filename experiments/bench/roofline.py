@@ -10,10 +10,11 @@ FLOP accounting (matmuls only, 2 per multiply-add; norms, softmax, RoPE, Adam ar
   LM head's input gradient; plus the one weight gradient of the trained ``down_proj``. Nothing
   below ``down_proj``'s input is differentiated.
 
-"useful" counts each edit's real tokens; "executed" counts what the step runs: the batch's token
-rows (packed rows of the run's packed length, or with ``packing=False`` one row per slot at the
-batch's length bucket) and the LM head at every target position it scores (the run's packed
-target count, or every slot's target bucket).
+"useful" counts each edit's real tokens up to the last one the loss reads (the final EOS predicts
+nothing); "executed" counts what the step runs: the batch's token rows (packed rows of the run's
+packed length, or with ``packing=False`` one row per slot at the batch's length bucket) and the LM
+head at every target position it scores (the run's packed target count, or every slot's target
+bucket).
 The torch reference runs every layer forward and the LM head at every position; its count is
 given for comparison.
 """
@@ -100,8 +101,10 @@ def epoch_flops(config, layer: int, ds, batch_rows: int, order_batches: list[np.
     """FLOPs of one epoch: useful (real lengths) and executed (padded to rows, packed rows and buckets)."""
     useful = sum(edit_flops(config, layer, int(ds.seq_len[i]), int(ds.tgt_len[i])).total for i in range(len(ds)))
     executed = sum(executed_flops(config, layer, batch_shape(ds, rows, batch_rows, pack)) for rows in order_batches)
+    # the reference runs every token of prompt + target + EOS (the first target position is the prompt's last)
+    full_len = ds.target_pos[:, 0] + 1 + ds.tgt_len
     torch_path = sum(
-        edit_flops(config, layer, int(ds.seq_len[i]), int(ds.tgt_len[i]), from_embeddings=True,
+        edit_flops(config, layer, int(full_len[i]), int(ds.tgt_len[i]), from_embeddings=True,
                    all_positions=True).total
         for i in range(len(ds))
     )

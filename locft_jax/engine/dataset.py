@@ -28,7 +28,7 @@ class EditDataset:
     target_pos: np.ndarray  # [N, U] int32: position whose logits predict target_ids
     target_ids: np.ndarray  # [N, U] int32
     target_mask: np.ndarray  # [N, U] bool
-    seq_len: np.ndarray  # [N]
+    seq_len: np.ndarray  # [N]: tokens that run (prompt + target, less what no loss term reads)
     tgt_len: np.ndarray  # [N]
     weight: np.ndarray  # [N] float32: 1 for edits, ``retain_weight`` for retain rows
     kept: list[int]  # edits first, then retain rows (indices into their own lists)
@@ -120,14 +120,20 @@ def _pack(
     objective: str,
     n_edits: int,
 ) -> EditDataset:
-    seq_len = np.array([len(p) + len(t) for p, t in pairs])
+    full_len = np.array([len(p) + len(t) for p, t in pairs])
     tgt_len = np.array([len(t) for _, t in pairs])
-    t_all, u_all = bucket(int(seq_len.max()), DEFAULT_BUCKETS), bucket(int(tgt_len.max()), TARGET_BUCKETS)
-    ids, mask, tpos, tids, tmask = pad_target_batch(pairs, t_all, u_all)
+    u_all = bucket(int(tgt_len.max()), TARGET_BUCKETS)
+    ids, mask, tpos, tids, tmask = pad_target_batch(pairs, bucket(int(full_len.max()), DEFAULT_BUCKETS), u_all)
     if objective == "ft-l":
         # EasyEdit's prompt_last: every target token scored at the last prompt position.
         prompt_last = np.array([len(p) - 1 for p, _ in pairs], np.int32)[:, None]
         tpos = np.where(tmask, prompt_last, 0).astype(np.int32)
+    # Only tokens up to the last position the loss reads need to run: under causal attention a later
+    # token (the final EOS, which predicts nothing; with ft-l the whole target) changes nothing.
+    seq_len = np.where(tmask, tpos, 0).max(axis=1) + 1
+    t_all = bucket(int(seq_len.max()), DEFAULT_BUCKETS)
+    mask = mask[:, :t_all] & (np.arange(t_all)[None, :] < seq_len[:, None])
+    ids = np.where(mask, ids[:, :t_all], 0).astype(np.int32)
     return EditDataset(ids, mask, tpos, tids, tmask, seq_len, tgt_len, weight, kept, skipped, n_edits)
 
 
