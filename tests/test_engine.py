@@ -161,11 +161,15 @@ def test_only_the_chosen_tensor_changes_and_the_model_is_untouched(tiny):
     assert not _changed(before, tiny.params)
 
 
-def test_compiles_once_per_bucket_and_last_short_batch_reuses_it(tiny):
+def test_compiles_once_per_shape_never_once_per_short_batch(tiny):
     same_bucket = [EditRequest(f"Fact number {i} is", f"value {i}") for i in range(10)]  # batches 4, 4, 2
-    cfg = EditConfig(layers=(2,), **{**FAST, "lr": 1.234e-3})  # a setting no other test compiled
+    cfg = EditConfig(layers=(2,), **{**FAST, "lr": 1.234e-3, "packing": False})  # a setting no other test compiled
     assert edit(tiny, same_bucket, cfg, mesh=ONE_DEVICE).compiles == 1
     assert edit(tiny, same_bucket[::-1], cfg, mesh=ONE_DEVICE).compiles == 0  # a second call reuses it
+    # packed, the short last batch has one smaller shape of its own: one more compile, not one per epoch
+    packed = cfg.replace(packing=True, epochs=6)
+    assert edit(tiny, same_bucket, packed, mesh=ONE_DEVICE).compiles == 2
+    assert edit(tiny, same_bucket[::-1], packed, mesh=ONE_DEVICE).compiles == 0
 
 
 def test_same_seed_gives_bit_identical_weights(tiny):

@@ -10,7 +10,16 @@ from locft_jax import load_model
 from locft_jax import model as M
 from locft_jax.engine import EditConfig, edit
 from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
-from locft_jax.engine.packing import PackShape, first_fit_decreasing, layout, plan_shape, rows_needed, slot_lengths
+from locft_jax.engine.packing import (
+    PackShape,
+    first_fit_decreasing,
+    layout,
+    plan_shape,
+    plan_shapes,
+    rows_needed,
+    shape_for,
+    slot_lengths,
+)
 from locft_jax.requests import EditRequest
 from tests.test_engine import FAST, ONE_DEVICE, REQUESTS
 
@@ -100,15 +109,32 @@ def test_packed_training_gives_the_same_weights_as_unpacked(tiny, module, prefix
 
 
 def test_packing_runs_fewer_tokens_than_padding_each_request(tiny):
-    from locft_jax.engine.loop import pack_shape_for
+    from locft_jax.engine.loop import pack_plan_for
 
-    ds = prepare_dataset(tiny.tokenizer, REQUESTS)
+    ds = prepare_dataset(tiny.tokenizer, REQUESTS[:8])  # two full batches of 4: one shape
     cfg = EditConfig(**FAST)
-    shape = pack_shape_for(ds, cfg, ONE_DEVICE)
+    (slots, shape), = pack_plan_for(ds, cfg, ONE_DEVICE).items()
     padded = [cfg.batch_size * ds.shape_of(rows)[0] for rows in batches(epoch_order(len(ds), 0, 0), cfg.batch_size)]
-    assert shape.rows * shape.length < max(padded)
-    assert pack_shape_for(ds, cfg.replace(packing=False), ONE_DEVICE) is None
-    assert pack_shape_for(ds, cfg.replace(pipeline="df"), ONE_DEVICE) is None
+    assert slots == cfg.batch_size and shape.rows * shape.length < max(padded)
+    assert pack_plan_for(ds, cfg.replace(packing=False), ONE_DEVICE) is None
+    assert pack_plan_for(ds, cfg.replace(pipeline="df"), ONE_DEVICE) is None
+
+
+def test_a_short_last_batch_gets_one_smaller_shape_of_its_own():
+    rng = np.random.default_rng(1)
+    seq_len, tgt_len = rng.integers(3, 20, size=37), rng.integers(1, 7, size=37)
+    epoch_batches = [batches(epoch_order(37, 0, e), 16) for e in range(5)]  # 16, 16, 5 each epoch
+    plan = plan_shapes(seq_len, tgt_len, epoch_batches, batch_rows=16, shards=2)
+    assert sorted(plan) == [6, 16]  # the 5-request batch: 6 slots (3 per shard), not 16
+    assert plan[6].rows * plan[6].length < plan[16].rows * plan[16].length
+    assert plan[6].targets < plan[16].targets
+    for rows in (r for epoch in epoch_batches for r in epoch):
+        slots, shape = shape_for(plan, len(rows))
+        assert slots == (16 if len(rows) == 16 else 6)
+        layout(slot_lengths(seq_len, rows, slots), slot_lengths(tgt_len, rows, slots), 2, shape)  # fits
+    # a nearly full last batch (13 of 16 > 3/4) and one that is the whole run keep a single shape
+    assert list(plan_shapes(seq_len[:29], tgt_len[:29], [batches(epoch_order(29, 0, 0), 16)], 16, 2)) == [16]
+    assert list(plan_shapes(seq_len[:5], tgt_len[:5], [batches(epoch_order(5, 0, 0), 16)], 16, 2)) == [6]
 
 
 def test_a_packed_run_compiles_once_whatever_its_batches_lengths(tiny):

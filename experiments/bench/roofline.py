@@ -88,7 +88,10 @@ def batch_shape(ds, rows: np.ndarray, batch_rows: int, pack) -> tuple[int, int, 
     seq_len, tgt_len = ds.shape_of(rows)
     if pack is None:
         return batch_rows, seq_len, batch_rows * tgt_len
-    return pack.rows, pack.length, pack.targets
+    from locft_jax.engine.packing import shape_for
+
+    shape = shape_for(pack, len(rows))[1]
+    return shape.rows, shape.length, shape.targets
 
 
 def executed_flops(config, layer: int, shape: tuple[int, int, int]) -> float:
@@ -180,14 +183,14 @@ def _best_flops(fn, flops: float, tries: int) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
-    from locft_jax.engine.loop import pack_shape_for
+    from locft_jax.engine.loop import pack_plan_for
 
     mesh = common.single_device_mesh()
     model = common.load_bench_model(args, mesh)
     requests = common.country_requests(args.edits)
     config = common.edit_config(args)
     ds = prepare_dataset(model.tokenizer, requests, config.objective, config.max_length)
-    pack = pack_shape_for(ds, config, mesh)
+    pack = pack_plan_for(ds, config, mesh)
     per_epoch = [
         epoch_flops(model.config, args.layer, ds, config.batch_size,
                     batches(epoch_order(len(ds), config.seed, e), config.batch_size), pack)

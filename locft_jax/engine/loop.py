@@ -22,7 +22,7 @@ from locft_jax.engine.forward import merge
 from locft_jax.engine.locations import Location, resolve_location, trainable_names
 from locft_jax.engine.null_space import input_covariances, projectors_for
 from locft_jax.engine.optimizer import freeze_labels, make_optimizer
-from locft_jax.engine.packing import PackShape, plan_shape
+from locft_jax.engine.packing import PackPlan, plan_shapes
 from locft_jax.engine.prefix_cache import BatchFeeder, build_store, slots_per_batch
 from locft_jax.engine.step import StepSpec, make_train_step
 from locft_jax.loading import Model
@@ -110,7 +110,7 @@ def edit(
     tx, step, opt_shardings = _train_step_for(spec, config, total_steps, params, trainable, mesh)
     opt_state = jax.device_put(init_opt_state(tx, params, trainable), opt_shardings)
     compiles_before = step._cache_size()
-    pack = pack_shape_for(ds, config, mesh)
+    pack = pack_plan_for(ds, config, mesh)
     runner = _Runner(step, params, base, projectors, BatchFeeder(store, ds, rows_per_batch, mesh, pack), opt_shardings)
 
     identity = ckpt.fingerprint(config.to_dict(), ds.ids, ds.target_ids, list(preserve))
@@ -195,13 +195,13 @@ def _projectors(model: Model, params, location, names, config: EditConfig, retai
     return jax.device_put(matrices, replicated(mesh))
 
 
-def pack_shape_for(ds, config: EditConfig, mesh: Mesh) -> PackShape | None:
-    """The packed shape every batch of the run fits (``None``: packing off, or depth-first)."""
+def pack_plan_for(ds, config: EditConfig, mesh: Mesh) -> PackPlan | None:
+    """The packed shapes the run's batches fit (``packing.plan_shapes``; ``None``: packing off, or depth-first)."""
     if not config.packing or config.pipeline != "bf":
         return None
     epoch_batches = [batches(epoch_order(len(ds), config.seed, e), config.batch_size) for e in range(config.epochs)]
     batch_rows = slots_per_batch(config.batch_size, mesh)
-    return plan_shape(ds.seq_len, ds.tgt_len, epoch_batches, batch_rows, mesh.shape[DATA_AXIS])
+    return plan_shapes(ds.seq_len, ds.tgt_len, epoch_batches, batch_rows, mesh.shape[DATA_AXIS])
 
 
 class _Runner:

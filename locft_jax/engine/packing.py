@@ -10,8 +10,10 @@ The layout of a batch is a pure function of its requests' lengths. Rows stay dat
 batch's request slots are split over the mesh's data axis as before, and each shard's requests are
 packed into that shard's own rows (first-fit decreasing), so nothing crosses devices. Target
 tokens are laid end to end too (the LM head runs on each real target token, not on every slot
-padded to the longest target). One ``PackShape`` serves the whole run — found from every epoch's
-batches up front — so the step compiles once.
+padded to the longest target). One ``PackShape`` serves every full batch of the run — found from
+every epoch's batches up front — so the step compiles once; an epoch's short last batch gets a
+second, smaller shape when it is at most ``SHORT_BATCH_SHARE`` of a full one (one more compile,
+whatever the number of epochs, instead of running a mostly empty full-size step every epoch).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from locft_jax.tokens import DEFAULT_BUCKETS, bucket
 
 LENGTH_MULTIPLES = (1, 2, 4)  # packed row lengths tried, as multiples of the longest request's bucket
+SHORT_BATCH_SHARE = 0.75  # a short last batch with at most this share of a full batch's slots gets its own shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,9 @@ class PackShape:
     rows: int  # packed rows per batch (a multiple of the data-axis size)
     length: int  # tokens per packed row
     targets: int  # target tokens per batch, all slots' laid end to end (a multiple of the data-axis size)
+
+
+PackPlan = dict[int, PackShape]  # a run's packed shapes, keyed by the batch slot count each serves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,3 +157,33 @@ def plan_shape(
         targets_needed(slot_lengths(tgt_len, batch, batch_rows), shards) for epoch in epoch_batches for batch in epoch
     )
     return PackShape(rows, best_length, targets)
+
+
+def plan_shapes(
+    seq_len: np.ndarray,
+    tgt_len: np.ndarray,
+    epoch_batches: Sequence[Sequence[np.ndarray]],
+    batch_rows: int,
+    shards: int,
+) -> PackPlan:
+    """The run's shapes by slot count: ``batch_rows`` for full batches, and a smaller one for the epochs'
+    short last batch when it holds at most ``SHORT_BATCH_SHARE`` of ``batch_rows`` (rounded up to ``shards``).
+
+    Every epoch visits the same requests, so its batch sizes are the same: at most two shapes.
+    """
+    smallest = min(len(batch) for epoch in epoch_batches for batch in epoch)
+    short = -(-smallest // shards) * shards
+    if short > SHORT_BATCH_SHARE * batch_rows:
+        return {batch_rows: plan_shape(seq_len, tgt_len, epoch_batches, batch_rows, shards)}
+    plan = {}
+    for slots, fits in ((batch_rows, lambda n: n > short), (short, lambda n: n <= short)):
+        group = [[batch for batch in epoch if fits(len(batch))] for epoch in epoch_batches]
+        if group[0]:
+            plan[slots] = plan_shape(seq_len, tgt_len, group, slots, shards)
+    return plan
+
+
+def shape_for(plan: PackPlan, n_rows: int) -> tuple[int, PackShape]:
+    """(slot count, shape) of the smallest planned shape that holds a batch of ``n_rows`` requests."""
+    slots = min(s for s in plan if s >= n_rows)
+    return slots, plan[slots]

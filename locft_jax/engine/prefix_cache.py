@@ -20,7 +20,7 @@ from locft_jax.engine import packing
 from locft_jax.engine.dataset import EditDataset
 from locft_jax.engine.forward import prefix_inputs
 from locft_jax.engine.locations import CachePoint, Location
-from locft_jax.engine.packing import PackShape
+from locft_jax.engine.packing import PackPlan, PackShape
 from locft_jax.params import Params
 from locft_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from locft_jax.tokens import bucket
@@ -117,37 +117,39 @@ class BatchFeeder:
 
     Returns ``(arrays, feed, seq_len, tgt_len)``: ``feed`` holds ``index`` (the store row of each
     slot: with a device store the step gathers them itself; with a host store only the batch's
-    rows are sent) and ``valid``; with a ``pack`` shape also the batch's packing layout
-    (``packing.layout``), and ``seq_len``/``tgt_len`` are the packed shape's row length and target count.
+    rows are sent) and ``valid``; with a ``pack`` plan also the batch's packing layout
+    (``packing.layout``) in the plan's smallest shape that holds it, and ``seq_len``/``tgt_len``
+    are that shape's row length and target count.
     """
 
-    def __init__(self, store: Store, ds: EditDataset, rows_per_batch: int, mesh: Mesh, pack: PackShape | None = None):
+    def __init__(self, store: Store, ds: EditDataset, rows_per_batch: int, mesh: Mesh, pack: PackPlan | None = None):
         self.store, self.ds, self.mesh, self.pack = store, ds, mesh, pack
         self.batch_rows = slots_per_batch(rows_per_batch, mesh)
 
     def __call__(self, rows: np.ndarray) -> tuple:
-        padded = np.zeros(self.batch_rows, np.int32)
+        slots, shape = (self.batch_rows, None) if self.pack is None else packing.shape_for(self.pack, len(rows))
+        padded = np.zeros(slots, np.int32)
         padded[: len(rows)] = rows
-        feed = {"valid": np.arange(self.batch_rows) < len(rows)}
+        feed = {"valid": np.arange(slots) < len(rows)}
         if self.store.on_device:
             arrays, feed["index"] = self.store.arrays, padded
         else:
             arrays = jax.device_put(self.store.rows(padded), replicated(self.mesh))
-            feed["index"] = np.arange(self.batch_rows, dtype=np.int32)
-        if self.pack is not None:
-            feed.update(self._packed(rows, padded))
-            seq_len, tgt_len = self.pack.length, self.pack.targets  # one shape for every batch
+            feed["index"] = np.arange(slots, dtype=np.int32)
+        if shape is not None:
+            feed.update(self._packed(rows, padded, shape))
+            seq_len, tgt_len = shape.length, shape.targets
         else:
             seq_len, tgt_len = self.ds.shape_of(rows)
         feed = jax.device_put(feed, {k: batch_sharding(self.mesh, v.ndim) for k, v in feed.items()})
         return arrays, feed, seq_len, tgt_len
 
-    def _packed(self, rows: np.ndarray, slot_rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch's packing layout, with each target token's flat position and id."""
-        ds = self.ds
-        plan = packing.layout(packing.slot_lengths(ds.seq_len, rows, self.batch_rows),
-                              packing.slot_lengths(ds.tgt_len, rows, self.batch_rows),
-                              self.mesh.shape[DATA_AXIS], self.pack)
+    def _packed(self, rows: np.ndarray, slot_rows: np.ndarray, shape: PackShape) -> dict[str, np.ndarray]:
+        """The batch's packing layout in ``shape``, with each target token's flat position and id."""
+        ds, slots = self.ds, len(slot_rows)
+        plan = packing.layout(packing.slot_lengths(ds.seq_len, rows, slots),
+                              packing.slot_lengths(ds.tgt_len, rows, slots),
+                              self.mesh.shape[DATA_AXIS], shape)
         slot = np.maximum(plan.target_slot, 0)
         row, u = slot_rows[slot], plan.target_index
         return {"slot": plan.slot, "pos": plan.pos, "target_slot": plan.target_slot,
