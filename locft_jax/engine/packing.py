@@ -39,6 +39,11 @@ class PackShape:
 PackPlan = dict[int, PackShape]  # a run's packed shapes, keyed by the batch slot count each serves
 
 
+def round_to_shards(n: int, shards: int) -> int:
+    """``n`` slots rounded up to split evenly over ``shards`` data shards."""
+    return -(-n // shards) * shards
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedLayout:
     """Where each token of a packed batch comes from, and where its target tokens are.
@@ -171,8 +176,7 @@ def plan_shapes(
 
     Every epoch visits the same requests, so its batch sizes are the same: at most two shapes.
     """
-    smallest = min(len(batch) for epoch in epoch_batches for batch in epoch)
-    short = -(-smallest // shards) * shards
+    short = round_to_shards(min(len(batch) for epoch in epoch_batches for batch in epoch), shards)
     if short > SHORT_BATCH_SHARE * batch_rows:
         return {batch_rows: plan_shape(seq_len, tgt_len, epoch_batches, batch_rows, shards)}
     plan = {}

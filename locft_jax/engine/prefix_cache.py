@@ -108,8 +108,7 @@ def compute_prefix(
 
 def slots_per_batch(rows_per_batch: int, mesh: Mesh) -> int:
     """A batch's slot count: ``rows_per_batch`` rounded up to split evenly over the data axis."""
-    data_size = mesh.shape[DATA_AXIS]
-    return -(-rows_per_batch // data_size) * data_size
+    return packing.round_to_shards(rows_per_batch, mesh.shape[DATA_AXIS])
 
 
 class BatchFeeder:
