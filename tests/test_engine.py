@@ -154,6 +154,24 @@ def test_host_store_equals_device_store(tiny):
     )
 
 
+class _FakeDevice:
+    def __init__(self, platform: str, stats: dict | None):
+        self.platform, self._stats = platform, stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_the_default_device_budget_is_half_the_least_free_accelerator_memory():
+    from locft_jax.engine.prefix_cache import CPU_DEVICE_BYTES, device_budget
+
+    gpus = [_FakeDevice("gpu", {"bytes_limit": 80 << 30, "bytes_in_use": 16 << 30}),
+            _FakeDevice("gpu", {"bytes_limit": 80 << 30, "bytes_in_use": 20 << 30})]
+    assert device_budget(gpus) == 30 << 30  # the store is replicated: the fullest device decides
+    assert device_budget(jax.devices("cpu")) == CPU_DEVICE_BYTES
+    assert device_budget([_FakeDevice("tpu", None)]) == CPU_DEVICE_BYTES  # no statistics reported
+
+
 def test_only_the_chosen_tensor_changes_and_the_model_is_untouched(tiny):
     before = jax.tree.map(np.asarray, tiny.params)
     result = edit(tiny, REQUESTS, EditConfig(layers=(-2,), **FAST), mesh=ONE_DEVICE)

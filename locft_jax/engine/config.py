@@ -21,6 +21,8 @@ class EditConfig:
     ``skip_step_loss``: skip a step whose batch loss is below it; ``early_stop_loss``: stop when an
     epoch's mean loss is below it (0 disables either). ``norm_constraint``: FT-M's L∞ bound on the
     change of each trained weight (0 = off). ``prefix_cache``: exact cache of the frozen layers below.
+    ``prefix_cache_device_bytes``: the largest cache kept on device, else it stays on the host (None:
+    half an accelerator's free memory, 2 GiB on CPU; ``prefix_cache.device_budget``).
     ``packing``: lay a batch's requests end to end in a few rows instead of one padded row each
     (breadth-first only; the same loss, less padding; see ``packing``).
     ``retain_weight``: loss weight of the retain rows passed to ``edit(..., retain=...)``.
@@ -51,7 +53,7 @@ class EditConfig:
     seed: int = 0
     prefix_cache: bool = True
     packing: bool = True
-    prefix_cache_device_bytes: int = 2 << 30
+    prefix_cache_device_bytes: int | None = None
     max_length: int = 256
     on_bad_record: str = "error"
     model_parallel: int = 1

@@ -3,7 +3,8 @@
 With the prefix cache on, each request's activations at the cache point are computed once
 (streaming, in fixed-size chunks) and stored; without it the store holds the token ids and every
 step runs the whole model. The store lives on device when it fits the budget, else on the host
-(each step then receives its batch's rows).
+(each step then receives its batch's rows). The default budget (``device_budget``) is half
+an accelerator's free memory, and ``CPU_DEVICE_BYTES`` on CPU, where "device" is host memory too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from locft_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from locft_jax.tokens import bucket
 
 CHUNK_ROWS = 32
+# On CPU a device store is a second copy of the host one in the same RAM: keep it to a size that
+# saves the per-step gather without doubling a big cache.
+CPU_DEVICE_BYTES = 2 << 30
 
 
 @dataclasses.dataclass
@@ -48,8 +52,13 @@ def build_store(
     point: CachePoint | None,
     ds: EditDataset,
     mesh: Mesh,
-    device_budget_bytes: int,
+    device_budget_bytes: int | None = None,
 ) -> Store:
+    """Every request's step inputs (cached activations at ``point``, or token ids when it is None).
+
+    On device (replicated over ``mesh``) when the cache fits ``device_budget_bytes`` (None: the
+    default: ``device_budget`` of the mesh's devices), else on the host.
+    """
     host = {
         "mask": ds.mask,
         "target_pos": ds.target_pos,
@@ -64,12 +73,29 @@ def build_store(
         cached = compute_prefix(params, config, location, point, ds, mesh)
         cache_bytes = sum(v.nbytes for v in cached.values())
         host.update(cached)
+    if device_budget_bytes is None:
+        device_budget_bytes = device_budget(mesh.devices.flat)
     on_device = cache_bytes <= device_budget_bytes
     if on_device:
         arrays = {k: jax.device_put(v, replicated(mesh)) for k, v in host.items()}
     else:
         arrays = host
     return Store(arrays, on_device, cache_bytes)
+
+
+def device_budget(devices) -> int:
+    """The store's default device budget: half the smallest free memory of ``devices``.
+
+    The store is replicated, so every device must hold all of it. CPU devices, and backends that
+    report no memory statistics, get ``CPU_DEVICE_BYTES``.
+    """
+    free = []
+    for device in devices:
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if not stats or "bytes_limit" not in stats:
+            return CPU_DEVICE_BYTES
+        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return min(free) // 2
 
 
 def compute_prefix(
