@@ -120,17 +120,27 @@ def is_axes_leaf(x: Any) -> bool:
     return isinstance(x, _AxesLeaf)
 
 
-def init_random(config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02) -> Params:
-    """Random params with the right shapes (norm weights ~1): for tests and timing on big shapes."""
-    rng = np.random.default_rng(seed)
+def init_random(
+    config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02, shardings: Params | None = None
+) -> Params:
+    """Random params with the right shapes (norm weights ~1): for tests and timing on big shapes.
+
+    Drawn on the device (``jax.random``, one key per tensor), so an 8B shape takes seconds, not
+    minutes of host RNG; ``shardings`` (a params-shaped pytree, e.g. ``sharding.param_shardings``)
+    lays each tensor out where it is drawn, so no device ever holds more than its share.
+    """
+    flat_shardings = flatten(shardings) if shardings is not None else {}
+    keys = jax.random.split(jax.random.key(seed), len(tensor_specs(config)))
     flat = {}
-    for name, spec in tensor_specs(config).items():
-        if name.endswith("norm.weight"):
-            value = 1.0 + 0.1 * rng.standard_normal(spec.shape, dtype=np.float32)
-        else:
-            value = scale * rng.standard_normal(spec.shape, dtype=np.float32)
-        flat[name] = jnp.asarray(value, dtype=dtype)
+    for key, (name, spec) in zip(keys, tensor_specs(config).items(), strict=True):
+        mean, std = (1.0, 0.1) if name.endswith("norm.weight") else (0.0, scale)
+        draw = jax.jit(_normal, static_argnums=(1, 2, 3, 4), out_shardings=flat_shardings.get(name))
+        flat[name] = draw(key, spec.shape, jnp.dtype(dtype), mean, std)
     return unflatten(flat, config)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, mean: float, std: float) -> jax.Array:
+    return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def cast(params: Params, dtype: Any) -> Params:

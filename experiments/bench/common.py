@@ -56,6 +56,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, edits: int | None, epoc
     parser.add_argument("--model", default=None, help="HF dir, .gguf or locft checkpoint (default: embedded SmolLM2)")
     parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
                         help="random params of this shape instead of --model (SmolLM2 tokenizer)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="--random-shape's tokenizer: an HF tokenizer directory (default: the embedded SmolLM2's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     if edits is not None:
         parser.add_argument("--edits", type=int, default=edits)
@@ -126,22 +128,31 @@ def load_bench_model(args: argparse.Namespace, mesh=None):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if not args.random_shape:
         return load_model(model_source(args), dtype=dtype, mesh=mesh)
-    from convert.embedded import smollm2_gguf_path
-    from convert.sources import open_checkpoint
     from locft_jax.config import ModelConfig
-    from locft_jax.params import init_random
+    from locft_jax.params import init_random, tensor_specs, unflatten
+    from locft_jax.sharding import make_mesh, param_shardings
 
-    tokenizer = open_checkpoint(smollm2_gguf_path()).load_tokenizer()
+    tokenizer = bench_tokenizer(args)
     shape = dict(RANDOM_SHAPES[args.random_shape])
     shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
     config = ModelConfig(**shape, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    # laid out on the mesh here: edit() keeps params already on the mesh's devices as they are, and
-    # needs NamedShardings (init_random's single-device arrays have none)
-    from locft_jax.sharding import make_mesh, param_shardings
-
-    params = init_random(config, args.seed, dtype)
-    params = jax.device_put(params, param_shardings(config, params, mesh or make_mesh()))
+    # drawn in place on the mesh: edit() keeps params already on the mesh's devices as they are
+    shapes = {name: jax.ShapeDtypeStruct(spec.shape, dtype) for name, spec in tensor_specs(config).items()}
+    shardings = param_shardings(config, unflatten(shapes, config), mesh or make_mesh())
+    params = init_random(config, args.seed, dtype, shardings=shardings)
     return Model(config, params, tokenizer, source=f"random:{args.random_shape}")
+
+
+def bench_tokenizer(args: argparse.Namespace):
+    """``--tokenizer`` (an HF tokenizer directory), else the embedded SmolLM2's."""
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    from convert.embedded import smollm2_gguf_path
+    from convert.sources import open_checkpoint
+
+    return open_checkpoint(smollm2_gguf_path()).load_tokenizer()
 
 
 def single_device_mesh():
@@ -265,6 +276,11 @@ def weight_diff(a: np.ndarray, b: np.ndarray, base: np.ndarray) -> dict[str, flo
         # rounding alone, so a few large entry differences are expected; this counts them
         "entries_over_1e-4": int((np.abs(da - db) > 1e-4).sum()),
     }
+
+
+def progress(message: str) -> None:
+    """One line on stderr as a benchmark goes, so a run cut off by a time limit shows how far it got."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def median(values: Sequence[float | None]) -> float | None:

@@ -21,6 +21,7 @@ JAX_VARIANTS = ("jax", "jax_no_cache")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_arguments(parser, edits=64, epochs=3, repeats=3)
     parser.add_argument("--no-torch", action="store_true", help="time locft-jax only")
+    parser.add_argument("--no-uncached", action="store_true", help="skip locft-jax with prefix_cache=False")
     parser.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu, cuda)")
     parser.add_argument("--torch-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
                         help="torch CPU threads; several values time one reference run each (default: all cores)")
@@ -36,28 +37,38 @@ def run(args: argparse.Namespace) -> int:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     mesh = common.single_device_mesh()
     model = common.load_bench_model(args, mesh)
+    common.progress(f"model ready: {common.model_source(args)} ({args.dtype})")
     requests = common.country_requests(args.edits)
     config = common.edit_config(args)
     torch_model = None if args.no_torch else _torch_model(args, model)
-    torch_variants = {} if torch_model is None else {f"torch_threads{n}": n for n in args.torch_threads}
+    if torch_model is not None:
+        common.progress(f"torch reference model ready on {args.torch_device}")
+    torch_variants = {} if torch_model is None else _torch_variants(args)
     if torch_model is not None:
         from experiments.bench import torch_reference
 
         original = torch_reference.down_proj(torch_model, args.layer).detach().clone()
 
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in (*JAX_VARIANTS, *torch_variants)}
+    jax_variants = JAX_VARIANTS[:1] if args.no_uncached else JAX_VARIANTS
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in (*jax_variants, *torch_variants)}
     checks: list[dict[str, Any]] = []
     base = _base_weight(model, config)
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
+        done = f"repeat {repeat + 1}/{args.repeats}"
         load = os.getloadavg()[0]
         cached = common.timed_edit(model, requests, config, mesh)
         runs["jax"].append({**cached.summary(len(requests)), "load_1min_before": load})
-        load = os.getloadavg()[0]
-        plain = common.timed_edit(model, requests, config.replace(prefix_cache=False), mesh)
-        runs["jax_no_cache"].append({**plain.summary(len(requests)), "load_1min_before": load})
-        check = {"jax_vs_jax_no_cache": common.weight_diff(cached.weight, plain.weight, base)}
+        common.progress(f"jax {done}: {cached.seconds:.1f} s")
+        check = {}
+        if not args.no_uncached:
+            load = os.getloadavg()[0]
+            plain = common.timed_edit(model, requests, config.replace(prefix_cache=False), mesh)
+            runs["jax_no_cache"].append({**plain.summary(len(requests)), "load_1min_before": load})
+            common.progress(f"jax_no_cache {done}: {plain.seconds:.1f} s")
+            check["jax_vs_jax_no_cache"] = common.weight_diff(cached.weight, plain.weight, base)
         for variant, threads in torch_variants.items():
-            torch_reference.torch.set_num_threads(threads)
+            if threads is not None:
+                torch_reference.torch.set_num_threads(threads)
             with torch_reference.torch.no_grad():
                 torch_reference.down_proj(torch_model, args.layer).copy_(original)
             load = os.getloadavg()[0]
@@ -67,6 +78,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             )
             rates = common.epoch_rates(len(requests), ref.seconds, ref.epoch_seconds)
             runs[variant].append({**rates, "losses": ref.losses, "threads": threads, "load_1min_before": load})
+            common.progress(f"{variant} {done}: {ref.seconds:.1f} s")
             check[f"jax_vs_{variant}"] = common.weight_diff(cached.weight, ref.weight, base)
         checks.append(check)
 
@@ -75,13 +87,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "edits": len(requests),
         "epochs": args.epochs,
         "config": config.to_dict(),
-        "threads": {"torch": args.torch_threads if torch_variants else None,
-                    "xla": "XLA:CPU default: its intra-op thread pool uses every core"},
+        "threads": {"torch": args.torch_threads if torch_variants and args.torch_device == "cpu" else None,
+                    "xla": "XLA:CPU default: its intra-op thread pool uses every core"
+                    if mesh.devices.flat[0].platform == "cpu" else str(mesh.devices.flat[0])},
         "runs": runs,
         "medians": {v: _medians(r) for v, r in runs.items()},
         "ratios": _ratios(runs),
         "weight_checks": checks,
     }
+
+
+def _torch_variants(args: argparse.Namespace) -> dict[str, int | None]:
+    """Variant name → torch CPU threads (one run each); on an accelerator one run, threads unset."""
+    if args.torch_device != "cpu":
+        return {f"torch_{args.torch_device}": None}
+    return {f"torch_threads{n}": n for n in args.torch_threads}
 
 
 def _base_weight(model, config) -> np.ndarray:
@@ -125,6 +145,8 @@ def _ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if best is None:
             continue
         for variant in JAX_VARIANTS:
+            if variant not in medians:
+                continue
             mine = medians[variant].get(key)
             out[f"{variant}/{best[0]} {key}"] = mine / best[1] if mine else None
     return out

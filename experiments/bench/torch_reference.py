@@ -42,17 +42,22 @@ def load_torch_model(path: str | Path, dtype: str = "float32", device: str = "cp
 def torch_model_from_params(
     config, params, dtype: str = "float32", device: str = "cpu"
 ) -> transformers.PreTrainedModel:
-    """A transformers model holding our (HF-named, HF-layout) ``params``: for random-shape runs."""
+    """A transformers model holding our (HF-named, HF-layout) ``params``: for random-shape runs.
+
+    Built on ``device`` and filled through DLPack, so an 8B model goes device to device with no
+    float32 host copy (single-device arrays; ``copy_`` casts where the dtypes differ).
+    """
     from locft_jax.params import flatten
 
     hf = config.to_hf_config()
     hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype])
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype])
     state = model.state_dict()
     with torch.no_grad():
         for name, value in flatten(params).items():
-            state[name].copy_(torch.from_numpy(np.array(value, np.float32)))
-    return model.to(device).eval()
+            state[name].copy_(torch.from_dlpack(value))
+    return model.eval()
 
 
 @dataclasses.dataclass
