@@ -116,3 +116,18 @@ def test_torch_model_from_params_computes_our_logits():
     with torch.no_grad():
         want = hf(input_ids=torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(np.asarray(M.logits(params, config, ids)), want, atol=1e-4, rtol=0)
+
+
+def test_random_shape_speed_with_a_given_tokenizer_matches_torch(tiny_llama_dir, tmp_path):
+    """The GPU script's path on CPU: params drawn on the mesh, --tokenizer, the reference filled by DLPack."""
+    out = tmp_path / "speed"
+    argv = ["bench", "speed", "--random-shape", "tiny", "--tokenizer", str(tiny_llama_dir), "--edits", "12",
+            "--epochs", "2", "--repeats", "1", "--layer", str(LAYER), "--batch-size", "4", "--torch-threads", "1",
+            "--no-uncached", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["model"] == "random:tiny"
+    assert set(results["medians"]) == {"jax", "torch_threads1"}
+    (check,) = results["weight_checks"]
+    assert check["jax_vs_torch_threads1"]["update_max_abs"] > 1e-4  # it trained
+    assert check["jax_vs_torch_threads1"]["max_abs_diff"] <= 1e-5

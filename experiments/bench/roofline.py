@@ -268,6 +268,6 @@ def _check_line(check: dict[str, Any]) -> str:
         f"XLA cost_analysis {check['xla'] / 1e9:.3g} GFLOP (includes element-wise ops)"
     )
     if check.get("platform", "cpu") != "cpu":
-        # seen on an H200: 542 GFLOP against our 11,000 for the 8B shape's batch
+        # seen on an H200: 542 and 724 GFLOP against our 11,000 for a batch of the 8B shape
         line += "; off CPU, XLA's count leaves out the matmuls it hands to cuBLAS: not comparable"
     return line
