@@ -6,7 +6,10 @@ edited in this run, trained towards the pre-edit model's own answers), ``+paraph
 rephrases other than the one evaluated), ``+prefix`` (the paper's prefix augmentation),
 ``+null-space`` (updates projected off the inputs to the edited tensor of the neighbours and of a
 general text, ``data/preserve.txt``, disjoint from the perplexity text; see
-``locft_jax.engine.null_space``; ``null_space_tol`` from the config, 1e-3 when unset), ``all``.
+``locft_jax.engine.null_space``; ``null_space_tol`` from the config, 1e-3 when unset),
+``+subject-null-space`` (the same projection with ``null_space_scope="subject"``: off each edit
+prompt's non-subject tokens and the neighbours' subject tokens, so the update acts through the
+edited subjects only), ``all`` (every variant but the subject-scoped one).
 Generalization is scored on a rephrase never trained on; locality on the data set's held-out
 locality prompts (never edited, never retained).
 """
@@ -28,7 +31,7 @@ from locft_jax.evaluate.capability import perplexity
 
 DATA = Path(__file__).parent / "data"
 RELATIONS = {"capital": DATA / "country_capitals.json", "language": DATA / "country_languages.json"}
-VARIANTS = ("plain", "+retain", "+paraphrase", "+prefix", "+null-space", "all")
+VARIANTS = ("plain", "+retain", "+paraphrase", "+prefix", "+null-space", "+subject-null-space", "all")
 DEFAULT_NULL_SPACE_TOL = 1e-3
 COLUMNS = {
     "generation/reliability": "reliability",
@@ -70,12 +73,17 @@ def run(args: argparse.Namespace) -> int:
         retain = retain_requests(model.params, model.config, model.tokenizer, [r.prompt for r in neighbours])
         for variant in args.variants:
             train, keep = training_rows(variant, requests, retain, config.seed)
-            variant_config, preserve = config.replace(null_space_tol=0.0), ()  # --set null_space_* is +null-space's
+            # --set null_space_* belongs to the null-space variants
+            variant_config, preserve, subjects = config.replace(null_space_tol=0.0, null_space_scope="all"), (), ()
+            tol = config.null_space_tol or DEFAULT_NULL_SPACE_TOL
             if variant in ("+null-space", "all"):
-                variant_config = config.replace(null_space_tol=config.null_space_tol or DEFAULT_NULL_SPACE_TOL)
+                variant_config = config.replace(null_space_tol=tol, null_space_scope="all")
                 # edit() adds the retain rows' texts itself
                 preserve = general + ([] if keep else [f"{r.prompt} {r.target_new}" for r in retain])
-            result = edit(model, train, variant_config, retain=keep, preserve=preserve, progress=True)
+            elif variant == "+subject-null-space":
+                variant_config, subjects = config.replace(null_space_tol=tol, null_space_scope="subject"), neighbours
+            result = edit(model, train, variant_config, retain=keep, preserve=preserve, preserve_subjects=subjects,
+                          progress=True)
             ev = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre,
                                    styles=("teacher_forced", "generation"))
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value

@@ -164,11 +164,11 @@ def test_lora_reduces_the_loss_and_changes_only_the_targeted_weight(tiny_llama_d
 def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
     code = main(["quality", "--model", str(tiny_llama_dir), "--edits", "3", "--relations", "capital",
-                 "--variants", "plain", "+null-space", "--epochs", "1", "--layer", "-1", "--out", str(out),
+                 "--variants", "plain", "+null-space", "+subject-null-space", "--epochs", "1", "--layer", "-1", "--out", str(out),
                  "--set", "null_space_tol=1e-2", "--set", "null_space_mode=soft"])  # plain runs without them
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["plain", "+null-space"]
+    assert [r["variant"] for r in rows] == ["plain", "+null-space", "+subject-null-space"]
     for row in rows:
         for key in ("reliability", "generalization", "locality (= pre-edit answer)", "became an edit's target",
                     "TF locality", "perplexity"):

@@ -9,7 +9,8 @@ import pytest
 from locft_jax import load_model
 from locft_jax import model as M
 from locft_jax.engine import EditConfig, edit
-from locft_jax.engine.null_space import damping_matrix, null_space_projector
+from locft_jax.engine.null_space import damping_matrix, null_space_projector, subject_span
+from locft_jax.requests import EditRequest, RequestError
 from locft_jax.tokens import encode_prompt
 from tests.test_engine import FAST, ONE_DEVICE, REQUESTS
 
@@ -106,6 +107,62 @@ def test_null_space_needs_texts_and_a_supported_module(tiny):
         edit(tiny, REQUESTS, cfg.replace(null_space_tol=0.0), preserve=PRESERVE, mesh=ONE_DEVICE)
     with pytest.raises(ValueError, match="valid: mlp_down, mlp_up, mlp"):
         edit(tiny, REQUESTS, cfg.replace(module="attn"), preserve=PRESERVE, mesh=ONE_DEVICE)
+
+
+SUBJECT_EDITS = [
+    EditRequest("The capital of Atlantis is", "Poseidonia", subject="Atlantis"),
+    EditRequest("Mount Olympus is located in", "Greece", subject="Mount Olympus"),
+]
+NEIGHBOUR = EditRequest("The capital of Lemuria is", "Mu", subject="Lemuria")
+
+
+def test_subject_span_is_the_subject_tokens_and_bad_records_are_named(tiny):
+    tok = tiny.tokenizer
+    for request in (*SUBJECT_EDITS, NEIGHBOUR):
+        start, end = subject_span(tok, request, "record 0")
+        ids = encode_prompt(tok, request.prompt)
+        assert tok.decode(ids[start:end]).strip() == request.subject
+        assert tok.decode(ids[:start]) + tok.decode(ids[start:]) == tok.decode(ids)
+    with pytest.raises(RequestError, match="record 4: field 'subject'"):
+        subject_span(tok, EditRequest("The capital of Mu is", "X"), "record 4")
+    with pytest.raises(RequestError, match="preserve_subjects 2: subject 'Oz' does not occur"):
+        subject_span(tok, EditRequest("The capital of Mu is", "X", subject="Oz"), "preserve_subjects 2")
+
+
+def test_subject_scope_keeps_the_update_off_the_template_and_other_subjects(tiny):
+    """Keys of the edit prompts' non-subject tokens and of a neighbour's subject: unmoved; the subject's: moved."""
+    cfg = EditConfig(layers=(2,), **{**FAST, "lr": 5e-2, "epochs": 10}, null_space_tol=1e-7, null_space_scope="subject")
+    result = edit(tiny, SUBJECT_EDITS, cfg, preserve_subjects=[NEIGHBOUR], mesh=ONE_DEVICE)
+    assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.2
+    base = np.asarray(tiny.params["model"]["layers"][2]["mlp"]["down_proj"]["weight"])
+    delta = np.asarray(result.trainable[DOWN]) - base
+    moved = {}
+    for request, kind in [*((r, "edit") for r in SUBJECT_EDITS), (NEIGHBOUR, "neighbour")]:
+        keys = _inputs(tiny, request.prompt, 2)[0]
+        start, end = subject_span(tiny.tokenizer, request, "record")
+        subject = np.zeros(len(keys), bool)
+        subject[start:end] = True
+        scale = np.abs(base @ keys.T).max()
+        for where, rows in (("subject", subject), ("template", ~subject)):
+            moved[kind, where] = max(moved.get((kind, where), 0.0), np.abs(delta @ keys[rows].T).max() / scale)
+    assert moved["edit", "template"] < 1e-3 and moved["neighbour", "subject"] < 1e-3, moved
+    assert moved["edit", "subject"] > 1e-2, moved  # what the edit acts through
+
+
+def test_subject_scope_needs_the_null_space_subjects_and_names_a_record_without_one(tiny):
+    cfg = EditConfig(layers=(2,), **FAST, null_space_tol=1e-6, null_space_scope="subject")
+    with pytest.raises(ValueError, match="null_space_scope='subject' needs null_space_tol > 0"):
+        edit(tiny, SUBJECT_EDITS, cfg.replace(null_space_tol=0.0), mesh=ONE_DEVICE)
+    with pytest.raises(ValueError, match="preserve_subjects were given but null_space_tol is 0"):
+        edit(tiny, SUBJECT_EDITS, cfg.replace(null_space_tol=0.0, null_space_scope="all"),
+             preserve_subjects=[NEIGHBOUR], mesh=ONE_DEVICE)
+    with pytest.raises(ValueError, match="null_space_scope is 'all'"):
+        edit(tiny, SUBJECT_EDITS, cfg.replace(null_space_scope="all"), preserve=PRESERVE,
+             preserve_subjects=[NEIGHBOUR], mesh=ONE_DEVICE)
+    with pytest.raises(RequestError, match="record 1: field 'subject'"):
+        edit(tiny, [SUBJECT_EDITS[0], EditRequest("Water boils at", "ninety")], cfg, mesh=ONE_DEVICE)
+    with pytest.raises(ValueError, match="null_space_scope='everything'; valid: all, subject"):
+        cfg.replace(null_space_scope="everything")
 
 
 @pytest.fixture(scope="module")

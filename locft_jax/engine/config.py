@@ -10,6 +10,7 @@ OBJECTIVES = ("ft-m", "ft-l")
 SCHEDULES = ("constant", "cosine")
 ON_BAD_RECORD = ("error", "skip")
 NULL_SPACE_MODES = ("hard", "soft")
+NULL_SPACE_SCOPES = ("all", "subject")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class EditConfig:
     the ``preserve`` texts and retain rows, dropping eigen-directions above ``tol × λ_max`` (0 = off).
     ``null_space_mode``: ``hard`` (that projection) or ``soft`` (damp each eigen-direction of the
     inputs by ``tol / (λ/λ_max + tol)`` instead: ROME/MEMIT's ``C⁻¹`` key whitening; see ``null_space``).
+    ``null_space_scope``: ``all`` (only the preserved texts and retain rows) or ``subject`` (also
+    every edit prompt's own tokens but its subject, and the subject tokens of
+    ``edit(..., preserve_subjects=...)``: the update then acts through the subject only; every
+    request needs a ``subject`` that occurs in its prompt).
     ``head_chunk``: the train step's LM head runs over the vocabulary in chunks of this many rows,
     forming the loss and its gradient in one pass over the head weight (``head_loss``); 0 = plain
     logits and log-softmax. Plain whenever the head weight is split over the model axis.
@@ -62,6 +67,7 @@ class EditConfig:
     check_every: int = 5
     null_space_tol: float = 0.0
     null_space_mode: str = "hard"
+    null_space_scope: str = "all"
     head_chunk: int = 2048
 
     def __post_init__(self) -> None:
@@ -71,6 +77,7 @@ class EditConfig:
             ("schedule", SCHEDULES),
             ("on_bad_record", ON_BAD_RECORD),
             ("null_space_mode", NULL_SPACE_MODES),
+            ("null_space_scope", NULL_SPACE_SCOPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EditConfig.{name}={getattr(self, name)!r}; valid: {', '.join(allowed)}")

@@ -20,7 +20,7 @@ from locft_jax.engine.config import EditConfig
 from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
 from locft_jax.engine.forward import merge
 from locft_jax.engine.locations import Location, resolve_location, trainable_names
-from locft_jax.engine.null_space import input_covariances, projectors_for
+from locft_jax.engine.null_space import input_covariances, projectors_for, subject_scoped_keys
 from locft_jax.engine.optimizer import freeze_labels, make_optimizer
 from locft_jax.engine.packing import PackPlan, plan_shapes
 from locft_jax.engine.prefix_cache import BatchFeeder, build_store, slots_per_batch
@@ -70,6 +70,7 @@ def edit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     retain: Sequence[EditRequest] = (),
     preserve: Sequence[str] = (),
+    preserve_subjects: Sequence[EditRequest] = (),
 ) -> EditResult:
     """Train the chosen module of ``model`` on ``requests``; the model itself is not modified.
 
@@ -77,6 +78,8 @@ def edit(
     into the shuffled batches with loss weight ``config.retain_weight`` to keep unrelated facts.
     ``preserve``: texts whose inputs to the edited tensors the update must not act on, with
     ``config.null_space_tol > 0`` (see ``null_space``); the retain rows' texts are added to them.
+    ``preserve_subjects``: requests whose subject tokens the update must not act on, with
+    ``config.null_space_scope == "subject"`` (which also preserves each edit prompt's non-subject tokens).
     """
     start_time = time.perf_counter()
     config = config or EditConfig()
@@ -91,7 +94,8 @@ def edit(
     )
     names = trainable_names(model.config, location)
     # before the prefix cache: a bad null-space setting fails fast, not after the long part
-    projectors = _projectors(model, params, location, names, config, retain, preserve, mesh)
+    projectors = _projectors(model, params, location, names, config, requests, retain, preserve, preserve_subjects,
+                             mesh)
     point = location.cache_point() if config.prefix_cache else None
     store = build_store(params, model.config, location, point, ds, mesh, config.prefix_cache_device_bytes)
 
@@ -106,14 +110,17 @@ def edit(
     total_steps = steps_per_epoch * config.epochs if config.pipeline == "bf" else config.epochs
     trainable = jax.device_put(trainable, shardings)
     head_chunk = config.head_chunk if mesh.shape[MODEL_AXIS] == 1 else 0  # a split head stays plain
-    spec = StepSpec(model.config, location, point, config.skip_step_loss, config.norm_constraint, head_chunk)
+    spec = StepSpec(model.config, location, point, config.skip_step_loss, config.norm_constraint, head_chunk,
+                    project_gradients=bool(projectors) and config.null_space_mode == "hard")
     tx, step, opt_shardings = _train_step_for(spec, config, total_steps, params, trainable, mesh)
     opt_state = jax.device_put(init_opt_state(tx, params, trainable), opt_shardings)
     compiles_before = step._cache_size()
     pack = pack_plan_for(ds, config, mesh)
     runner = _Runner(step, params, base, projectors, BatchFeeder(store, ds, rows_per_batch, mesh, pack), opt_shardings)
 
-    identity = ckpt.fingerprint(config.to_dict(), ds.ids, ds.target_ids, list(preserve))
+    identity = ckpt.fingerprint(
+        config.to_dict(), ds.ids, ds.target_ids, [*preserve, *((r.prompt, r.subject) for r in preserve_subjects)]
+    )
     log: list[dict[str, Any]] = []
     first_epoch = 0
     if resume and checkpoint_dir and (latest := ckpt.latest_state(Path(checkpoint_dir))):
@@ -183,14 +190,25 @@ def init_opt_state(tx, params: Params, trainable: dict[str, jax.Array]):
     return tx.init(merge(params, trainable))
 
 
-def _projectors(model: Model, params, location, names, config: EditConfig, retain, preserve, mesh) -> dict:
+def _projectors(
+    model: Model, params, location, names, config: EditConfig, requests, retain, preserve, preserve_subjects, mesh
+) -> dict:
     """Input-side null-space projectors of the trainable tensors (empty when ``null_space_tol`` is 0)."""
     if config.null_space_tol <= 0:
-        if preserve:
-            raise ValueError("preserve texts were given but null_space_tol is 0 (off); set it, e.g. 1e-3")
+        for given, what in ((preserve, "preserve texts"), (preserve_subjects, "preserve_subjects")):
+            if given:
+                raise ValueError(f"{what} were given but null_space_tol is 0 (off); set it, e.g. 1e-3")
+        if config.null_space_scope != "all":
+            raise ValueError(f"null_space_scope={config.null_space_scope!r} needs null_space_tol > 0, e.g. 1e-3")
         return {}
+    if preserve_subjects and config.null_space_scope != "subject":
+        raise ValueError("preserve_subjects were given but null_space_scope is 'all'; set it to 'subject'")
     texts = list(preserve) + [f"{r.prompt} {r.target_new}" for r in retain]
-    covariances = input_covariances(params, model.config, location, model.tokenizer, texts, config.max_length)
+    masks: list = [None] * len(texts)
+    if config.null_space_scope == "subject":
+        scoped, scoped_masks = subject_scoped_keys(model.tokenizer, requests, preserve_subjects)
+        texts, masks = texts + scoped, masks + scoped_masks
+    covariances = input_covariances(params, model.config, location, model.tokenizer, texts, config.max_length, masks)
     matrices = projectors_for(names, covariances, config.null_space_tol, config.null_space_mode)
     return jax.device_put(matrices, replicated(mesh))
 

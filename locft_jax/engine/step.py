@@ -43,6 +43,9 @@ class StepSpec:
     skip_step_loss: float
     norm_constraint: float
     head_chunk: int = 0  # > 0: the LM head runs in vocabulary chunks of this size (``head_loss``)
+    # the projectors also act on the gradient, before the optimizer (the hard null space: Adam's
+    # moments then see only the directions the update may take; see ``null_space``)
+    project_gradients: bool = False
 
 
 def batch_loss(trainable: Trainable, params: Params, spec: StepSpec, batch: dict[str, jax.Array]) -> jax.Array:
@@ -94,9 +97,10 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
     ``gather_batch``).
 
     ``projectors``: name → input-side projector applied to that tensor's update (``null_space``;
-    an empty dict when off). Returns ``(trainable, opt_state, loss, applied)``, the state with
-    ``state_shardings``. A step whose loss is below ``skip_step_loss`` or not finite leaves
-    weights and optimizer state untouched, so a NaN never reaches the weights.
+    an empty dict when off), and with ``spec.project_gradients`` to its gradient as well.
+    Returns ``(trainable, opt_state, loss, applied)``, the state with ``state_shardings``. A step
+    whose loss is below ``skip_step_loss`` or not finite leaves weights and optimizer state
+    untouched, so a NaN never reaches the weights.
     """
 
     scalar = replicated(mesh)
@@ -113,6 +117,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
         # params structure, where the frozen leaves are placeholders it maps to zero updates
         # (never used, so XLA drops that work).
         loss, grads = jax.value_and_grad(batch_loss)(trainable, params, spec, batch)
+        if spec.project_gradients:
+            grads = {n: g @ projectors[n] if n in projectors else g for n, g in grads.items()}
         updates, new_opt = tx.update(merge(params, grads), opt_state)
         flat_updates = {name: get_leaf(updates, name) for name in trainable}
         flat_updates = {n: u @ projectors[n] if n in projectors else u for n, u in flat_updates.items()}
