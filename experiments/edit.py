@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preserve", help="text file, one passage per line, that null-space projection keeps (--set null_space_tol=…)"
     )
+    parser.add_argument(
+        "--preserve-subjects",
+        help="requests file (with subjects): the subject-scoped null space keeps these subjects "
+        "(--set null_space_tol=1e-3 --set null_space_scope=subject)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
         prompts = [r.prompt for r in load_requests(args.retain).requests]
         retain = retain_requests(model.params, model.config, model.tokenizer, prompts)
     preserve = load_texts(args.preserve) if args.preserve else []
+    subjects = load_requests(args.preserve_subjects).requests if args.preserve_subjects else []
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
-                       retain=retain, preserve=preserve)
+                       retain=retain, preserve=preserve, preserve_subjects=subjects)
     print(markdown_table(out.evaluation))
     print(f"run directory: {run_dir}")
     return 0

@@ -65,16 +65,18 @@ def run_edit_job(
     styles: tuple[str, ...] = EVAL_STYLES,
     retain: list[EditRequest] | tuple = (),
     preserve: list[str] | tuple = (),
+    preserve_subjects: list[EditRequest] | tuple = (),
 ) -> JobResult:
     """Edit, evaluate (pre-edit snapshot taken first), write report files and the HF export.
 
-    ``retain`` / ``preserve``: passed to ``edit`` (retain rows; null-space texts).
+    ``retain`` / ``preserve`` / ``preserve_subjects``: passed to ``edit`` (retain rows; null-space
+    texts; neighbours whose subjects the subject-scoped null space keeps).
     """
     (run_dir / "config.json").write_text(json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
     result = edit(
         model, requests, config, checkpoint_dir=run_dir / "checkpoints", resume=resume, progress=True,
-        log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve,
+        log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve, preserve_subjects=preserve_subjects,
     )
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
     write_report(evaluation, run_dir)

@@ -68,6 +68,20 @@ def test_edit_cli_takes_retain_prompts_and_null_space_texts(tiny_llama_dir, tmp_
     assert json.loads((out / "metrics.json").read_text())["post"]["teacher_forced/reliability"]["count"] == 4
 
 
+def test_edit_cli_takes_neighbour_subjects_for_the_subject_scoped_null_space(tiny_llama_dir, tmp_path, capsys):
+    neighbours = tmp_path / "neighbours.jsonl"
+    neighbours.write_text('{"prompt": "The capital of Peru is", "target_new": "Lima", "subject": "Peru"}\n')
+    out = tmp_path / "run"
+    argv = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "4", "--layer", "2",
+            "--epochs", "1", "--batch-size", "4", "--preserve-subjects", str(neighbours),
+            "--set", "null_space_tol=1e-6", "--set", "null_space_scope='subject'", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["edit_config"]["null_space_scope"] == "subject"
+    neighbours.write_text('{"prompt": "The capital of Peru is", "target_new": "Lima"}\n')  # no subject
+    assert main([*argv[:-1], str(tmp_path / "run2")]) != 0
+    assert "preserve_subjects 0: field 'subject' is needed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

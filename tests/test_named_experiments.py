@@ -164,7 +164,8 @@ def test_lora_reduces_the_loss_and_changes_only_the_targeted_weight(tiny_llama_d
 def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
     code = main(["quality", "--model", str(tiny_llama_dir), "--edits", "3", "--relations", "capital",
-                 "--variants", "plain", "+null-space", "+subject-null-space", "--epochs", "1", "--layer", "-1", "--out", str(out),
+                 "--variants", "plain", "+null-space", "+subject-null-space", "--epochs", "1", "--layer", "-1",
+                 "--out", str(out),
                  "--set", "null_space_tol=1e-2", "--set", "null_space_mode=soft"])  # plain runs without them
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
