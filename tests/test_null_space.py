@@ -90,11 +90,14 @@ def test_update_does_not_act_on_preserved_inputs_and_still_learns(tiny, module, 
         act, normed = _inputs(tiny, text, 2)
         for name in names:
             keys = act if "down_proj" in name else normed
-            for result, bound in ((projected, 1e-3), (free, None)):
+            # lr 5e-2 makes the update ~10x the tiny random weights: measured 2026-11-29, free training
+            # moves the preserved outputs by 20-32x their size, the projected one by 3e-5 (down_proj)
+            # and 1.6e-3 (up_proj: 64-dim inputs, few null directions, each at ≤ tol·λmax)
+            for result, bound in ((projected, 1e-2), (free, None)):
                 change = (np.asarray(result.trainable[name]) - base[name]) @ keys.T
                 ratio = np.abs(change).max() / np.abs(base[name] @ keys.T).max()
                 if bound is None:
-                    assert ratio > 1e-2  # without the projection the same training moves these outputs
+                    assert ratio > 1.0  # without the projection the same training moves these outputs
                 else:
                     assert ratio < bound
 
