@@ -41,12 +41,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     requests = common.country_requests(args.edits)
     config = common.edit_config(args)
     torch_model = None if args.no_torch else _torch_model(args, model)
-    if torch_model is not None:
-        common.progress(f"torch reference model ready on {args.torch_device}")
     torch_variants = {} if torch_model is None else _torch_variants(args)
     if torch_model is not None:
         from experiments.bench import torch_reference
 
+        common.progress(f"torch reference model ready on {args.torch_device}")
         original = torch_reference.down_proj(torch_model, args.layer).detach().clone()
 
     jax_variants = JAX_VARIANTS[:1] if args.no_uncached else JAX_VARIANTS
