@@ -175,5 +175,6 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
                     "TF locality", "perplexity"):
             assert math.isfinite(row[key]), key
         assert "known facts still right" in row  # None here: the random model knows no capital
+        assert row["update action, edit prompts"] > 0 and math.isfinite(row["update action, locality prompts"])
     assert "| capital | +null-space |" in (out / "report.md").read_text()
     assert (out / "quality.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -90,23 +90,36 @@ def input_covariances(
     return out
 
 
+def input_kind(name: str) -> str | None:
+    """The input kind (``KEY_KIND``'s value) the tensor ``name`` reads; None for a tensor without one."""
+    return next((kind for suffix, kind in KEY_KIND.items() if name.endswith(suffix)), None)
+
+
 def _module_trains(module: str, suffix: str) -> bool:
     return any(suffix.startswith(prefix) for prefix in MODULES[module])
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _covariance_chunk(params, config: ModelConfig, layer: int, kinds: tuple[str, ...], ids, mask, keep) -> dict:
-    """``Σ k kᵀ`` over the ``keep`` tokens of one padded chunk, for each input kind of ``layer``."""
+def tensor_inputs(params: Params, config: ModelConfig, layer: int, kinds: tuple[str, ...], ids, mask) -> dict:
+    """What ``layer``'s MLP tensors read at every position of a right-padded batch, per input kind
+    (``KEY_KIND``'s values: "normed" for up/gate, "act" for down), float32 ``[B, T, d]``."""
     got = prefix_inputs(params, config, Location((layer,), "mlp"), CachePoint.MLP_INPUT, ids, mask)
     lp = params["model"]["layers"][layer]
     normed = M.rms_norm(got["h"], lp["post_attention_layernorm"]["weight"], config.rms_norm_eps)
-    weight = keep[..., None].astype(jnp.float32)
     keys = {}
     if "normed" in kinds:
-        keys["normed"] = normed.astype(jnp.float32) * weight
+        keys["normed"] = normed.astype(jnp.float32)
     if "act" in kinds:
-        keys["act"] = M.mlp_activation(lp["mlp"], normed).astype(jnp.float32) * weight
-    return {kind: jnp.einsum("bti,btj->ij", k, k) for kind, k in keys.items()}
+        keys["act"] = M.mlp_activation(lp["mlp"], normed).astype(jnp.float32)
+    return keys
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _covariance_chunk(params, config: ModelConfig, layer: int, kinds: tuple[str, ...], ids, mask, keep) -> dict:
+    """``Σ k kᵀ`` over the ``keep`` tokens of one padded chunk, for each input kind of ``layer``."""
+    weight = keep[..., None].astype(jnp.float32)
+    keys = tensor_inputs(params, config, layer, kinds, ids, mask)
+    return {kind: jnp.einsum("bti,btj->ij", k * weight, k * weight) for kind, k in keys.items()}
 
 
 def subject_span(tokenizer: Any, request: EditRequest, label: str) -> tuple[int, int]:
@@ -170,7 +183,7 @@ def projectors_for(
     out = {}
     for name in names:
         layer = int(name.split(".")[2])
-        kind = next((k for suffix, k in KEY_KIND.items() if name.endswith(suffix)), None)
+        kind = input_kind(name)
         if kind is None:
             raise ValueError(f"null-space projection has no input for tensor {name}")
         if (layer, kind) not in built:

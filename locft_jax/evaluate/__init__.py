@@ -1,5 +1,6 @@
 """Scoring edits the way the field does: EasyEdit's teacher-forced token accuracy and the paper's
-greedy-generation exact match, plus locality, fluency and general capability."""
+greedy-generation exact match, plus locality, fluency and general capability, and where an edit acts
+(``update_action``)."""
 
 from locft_jax.evaluate.capability import evaluate_capability
 from locft_jax.evaluate.edits import (
@@ -16,6 +17,7 @@ from locft_jax.evaluate.generation_match import exact_match, normalize_answer
 from locft_jax.evaluate.metrics import Metric
 from locft_jax.evaluate.report import markdown_table, write_report
 from locft_jax.evaluate.teacher_forced import score_targets, token_accuracy
+from locft_jax.evaluate.update_action import TokenAction, update_action
 
 __all__ = [
     "STYLES",
@@ -23,6 +25,7 @@ __all__ = [
     "Metric",
     "PreEditSnapshot",
     "Snapshot",
+    "TokenAction",
     "evaluate_capability",
     "evaluate_requests",
     "exact_match",
@@ -33,5 +36,6 @@ __all__ = [
     "score_targets",
     "snapshot",
     "token_accuracy",
+    "update_action",
     "write_report",
 ]

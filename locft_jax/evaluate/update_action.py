@@ -1,0 +1,90 @@
+"""Where an edit acts: the weight change's output relative to the weight's, token by token.
+
+An edited MLP tensor ``W₀ → W₀ + ΔW`` changes its output at a token whose input is ``k`` by
+``ΔW k``. ``update_action`` reports ``‖ΔW k‖ / ‖W₀ k‖`` at every token of given texts (inputs from
+the pre-edit model, as the null-space projection sees them): large on the tokens the edit
+works through, ~0 on inputs it was kept off. It answers "why did this unrelated prompt move?"
+without decoding anything — e.g. on SmolLM2 an edit that keeps the listed neighbouring subjects
+at ~0.005 can still act on an unlisted country's name as strongly as on an edited one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from locft_jax.config import ModelConfig
+from locft_jax.engine.null_space import CHUNK_ROWS, KEY_KIND, input_kind, tensor_inputs
+from locft_jax.params import Params, flatten
+from locft_jax.tokens import PromptTarget, bucket, encode_prompt, pad_target_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAction:
+    """One text's tokens and, per changed tensor, ``‖ΔW k‖ / ‖W₀ k‖`` at each of them."""
+
+    text: str
+    tokens: list[str]
+    action: dict[str, np.ndarray]  # tensor name → [tokens] float64
+
+    def peak(self) -> float:
+        """The largest action over tokens and tensors."""
+        return max(float(a.max()) for a in self.action.values())
+
+
+def changed_tensors(base: Params, edited: Params) -> list[str]:
+    """Names of the tensors ``edited`` changed; each must be an MLP tensor (its input is known)."""
+    before, after = flatten(base), flatten(edited)
+    changed = [name for name in before if not np.array_equal(np.asarray(before[name]), np.asarray(after[name]))]
+    if not changed:
+        raise ValueError("the edited params equal the base params: no update to measure")
+    unsupported = [n for n in changed if input_kind(n) is None]
+    if unsupported:
+        raise ValueError(
+            f"update action needs MLP tensors ({', '.join(KEY_KIND)}); changed without a known input: "
+            + ", ".join(unsupported)
+        )
+    return changed
+
+
+def update_action(
+    base: Params,
+    edited: Params,
+    config: ModelConfig,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 256,
+) -> list[TokenAction]:
+    """``‖ΔW k‖ / ‖W₀ k‖`` at every token of each text, for every tensor ``edited`` changed."""
+    names = changed_tensors(base, edited)
+    before, after = flatten(base), flatten(edited)
+    weights = {n: np.asarray(before[n], np.float32) for n in names}
+    deltas = {n: np.asarray(after[n], np.float32) - weights[n] for n in names}
+    layers = sorted({int(n.split(".")[2]) for n in names})
+    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
+    out = []
+    for start in range(0, len(encoded), CHUNK_ROWS):
+        chunk = encoded[start : start + CHUNK_ROWS]
+        rows = [PromptTarget(ids, []) for ids in chunk] + [PromptTarget([], [])] * (CHUNK_ROWS - len(chunk))
+        batch = pad_target_batch(rows, bucket(max(len(ids) for ids in chunk)), 1)
+        ratios: dict[str, np.ndarray] = {}
+        for layer in layers:
+            here = [n for n in names if int(n.split(".")[2]) == layer]
+            kinds = tuple(sorted({input_kind(n) for n in here}))
+            keys = tensor_inputs(base, config, layer, kinds, batch.ids, batch.mask)
+            for name in here:
+                k = np.asarray(keys[input_kind(name)], np.float64)
+                moved = np.linalg.norm(k @ deltas[name].T.astype(np.float64), axis=-1)
+                scale = np.linalg.norm(k @ weights[name].T.astype(np.float64), axis=-1)
+                ratios[name] = moved / np.maximum(scale, 1e-30)
+        for row, ids in enumerate(chunk):
+            out.append(TokenAction(
+                texts[start + row],
+                [tokenizer.decode([i]) for i in ids],
+                {name: r[row, : len(ids)] for name, r in ratios.items()},
+            ))
+    return out
+
