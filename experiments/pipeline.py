@@ -14,6 +14,7 @@ from locft_jax import Model, load_model
 from locft_jax.data import load_requests
 from locft_jax.engine import EditConfig, EditResult, edit
 from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, snapshot, write_report
+from locft_jax.evaluate.update_action import action_metrics
 from locft_jax.requests import EditRequest
 
 EVAL_STYLES = ("teacher_forced", "generation")
@@ -79,6 +80,7 @@ def run_edit_job(
         log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve, preserve_subjects=preserve_subjects,
     )
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
+    evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests))
     write_report(evaluation, run_dir)
     (run_dir / "report.md").write_text(report_markdown(job, config, result, evaluation))
     hf_dir = None

@@ -13,7 +13,7 @@ edited subjects only), ``all`` (every variant but the subject-scoped one).
 Generalization is scored on a rephrase never trained on; locality on the data set's held-out
 locality prompts (never edited, never retained). For MLP edits, "update action" columns say where
 the weight change acts: the mean over prompts of its largest per-token ``‖ΔW k‖ / ‖W₀ k‖``
-(``locft_jax.evaluate.update_action``), on the edit prompts and on the locality prompts.
+(``locft_jax.evaluate.update_action.action_metrics``), on the edit prompts and on the locality prompts.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from experiments.presets import edit_config
 from locft_jax.augment import held_out_rephrases, paraphrase_augmented, prefix_augmented, retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
-from locft_jax.engine.null_space import input_kind
 from locft_jax.evaluate import evaluate_requests, snapshot
 from locft_jax.evaluate.capability import perplexity
-from locft_jax.evaluate.update_action import update_action
+from locft_jax.evaluate.update_action import action_metrics
 
 DATA = Path(__file__).parent / "data"
 RELATIONS = {"capital": DATA / "country_capitals.json", "language": DATA / "country_languages.json"}
@@ -46,7 +45,10 @@ COLUMNS = {
     "teacher_forced/reliability": "TF reliability",
     "teacher_forced/locality": "TF locality",
 }
-ACTION_COLUMNS = ("update action, edit prompts", "update action, locality prompts")
+ACTION_COLUMNS = {
+    "update_action/edit_prompts": "update action, edit prompts",
+    "update_action/locality_prompts": "update action, locality prompts",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
                    "seconds": result.seconds, "epochs": len(result.log), "final_loss": result.log[-1]["loss"],
                    "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1}
             row.update({name: ev.post[key].value for key, name in COLUMNS.items() if key in ev.post})
-            if all(input_kind(name) for name in result.trainable):  # an MLP edit: its inputs are known
-                row.update(action_summary(model, result.params, requests))
+            actions = action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests)
+            row.update({name: actions[key].value for key, name in ACTION_COLUMNS.items() if key in actions})
             rows.append(row)
             print(json.dumps(row), flush=True)
     (run_dir / "results.json").write_text(json.dumps({"base_perplexity": base_ppl, "rows": rows}, indent=2))
@@ -106,18 +108,6 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, base_ppl))
     print(f"run directory: {run_dir}")
     return 0
-
-
-def action_summary(model, edited, requests) -> dict[str, float]:
-    """Mean over prompts of the largest per-token ``‖ΔW k‖ / ‖W₀ k‖`` (``update_action``): on the edit
-    prompts, and on the held-out locality prompts."""
-    locality = list(dict.fromkeys(p for r in requests for p in r.locality_prompts))
-    out = {}
-    for name, prompts in zip(ACTION_COLUMNS, ([r.prompt for r in requests], locality), strict=True):
-        if prompts:
-            actions = update_action(model.params, edited, model.config, model.tokenizer, prompts)
-            out[name] = float(sum(a.peak() for a in actions) / len(actions))
-    return out
 
 
 def training_rows(variant, requests, retain, seed):
@@ -132,7 +122,7 @@ def training_rows(variant, requests, retain, seed):
 
 
 def table(rows: list[dict], base_ppl: float) -> str:
-    names = ["relation", "variant", *COLUMNS.values(), *ACTION_COLUMNS, "perplexity_change", "seconds"]
+    names = ["relation", "variant", *COLUMNS.values(), *ACTION_COLUMNS.values(), "perplexity_change", "seconds"]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows:
         cells = []
@@ -140,7 +130,7 @@ def table(rows: list[dict], base_ppl: float) -> str:
             value = row.get(name)
             if name == "seconds" and value is not None:
                 cells.append(f"{value:.0f}")
-            elif name in ACTION_COLUMNS and value is not None:
+            elif name in ACTION_COLUMNS.values() and value is not None:
                 cells.append(f"{value:.2f}")
             elif isinstance(value, float):
                 cells.append(f"{value:.1%}")

@@ -48,7 +48,10 @@ def test_edit_cli_writes_config_log_metrics_and_export(tiny_llama_dir, tmp_path)
     config = json.loads((out / "config.json").read_text())["edit_config"]
     assert config["layers"] == [2] and config["early_stop_loss"] == 0 and config["batch_size"] == 4
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert json.loads((out / "metrics.json").read_text())["post"]["teacher_forced/reliability"]["count"] == 6
+    post = json.loads((out / "metrics.json").read_text())["post"]
+    assert post["teacher_forced/reliability"]["count"] == 6
+    assert post["update_action/edit_prompts"]["count"] == 6 and post["update_action/edit_prompts"]["value"] > 0
+    assert "update_action/locality_prompts" in (out / "metrics.md").read_text()
     assert (out / "hf" / "model.safetensors").exists()
 
 

@@ -32,6 +32,8 @@ def pooled(values: Sequence[float]) -> Metric:
 
 # Shown next to each metric in reports: the teacher-forced and generation numbers differ a lot.
 LABELS = {
+    "update_action/edit_prompts": "where the edit acts: largest per-token ‖ΔW k‖/‖W₀ k‖ on an edit prompt, mean",
+    "update_action/locality_prompts": "the same on a locality prompt: ~0 when the edit leaves it alone",
     "teacher_forced/reliability": "EasyEdit teacher-forced token accuracy of target_new on the edit prompt",
     "teacher_forced/generalization": "EasyEdit teacher-forced token accuracy of target_new on rephrases",
     "teacher_forced/portability": "EasyEdit teacher-forced token accuracy of portability answers",

@@ -11,14 +11,16 @@ at ~0.005 can still act on an unlisted country's name as strongly as on an edite
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from locft_jax.config import ModelConfig
 from locft_jax.engine.null_space import CHUNK_ROWS, KEY_KIND, input_kind, tensor_inputs
+from locft_jax.evaluate.metrics import Metric
 from locft_jax.params import Params, flatten
+from locft_jax.requests import EditRequest
 from locft_jax.tokens import PromptTarget, bucket, encode_prompt, pad_target_batch
 
 
@@ -35,34 +37,39 @@ class TokenAction:
         return max(float(a.max()) for a in self.action.values())
 
 
-def changed_tensors(base: Params, edited: Params) -> list[str]:
-    """Names of the tensors ``edited`` changed; each must be an MLP tensor (its input is known)."""
+def changed_tensors(base: Params, edited: Params) -> dict[str, np.ndarray]:
+    """The tensors of ``edited`` that differ from ``base``, by name (for ``update_action``)."""
     before, after = flatten(base), flatten(edited)
-    changed = [name for name in before if not np.array_equal(np.asarray(before[name]), np.asarray(after[name]))]
+    changed = {name: np.asarray(after[name]) for name in before
+               if not np.array_equal(np.asarray(before[name]), np.asarray(after[name]))}
     if not changed:
         raise ValueError("the edited params equal the base params: no update to measure")
-    unsupported = [n for n in changed if input_kind(n) is None]
-    if unsupported:
-        raise ValueError(
-            f"update action needs MLP tensors ({', '.join(KEY_KIND)}); changed without a known input: "
-            + ", ".join(unsupported)
-        )
     return changed
 
 
 def update_action(
     base: Params,
-    edited: Params,
+    tensors: Mapping[str, Any],
     config: ModelConfig,
     tokenizer: Any,
     texts: Sequence[str],
     max_length: int = 256,
 ) -> list[TokenAction]:
-    """``‖ΔW k‖ / ‖W₀ k‖`` at every token of each text, for every tensor ``edited`` changed."""
-    names = changed_tensors(base, edited)
-    before, after = flatten(base), flatten(edited)
+    """``‖ΔW k‖ / ‖W₀ k‖`` at every token of each text, for every edited tensor.
+
+    ``tensors``: the edited MLP tensors by name (``EditResult.trainable``, or ``changed_tensors``);
+    ``base``: the pre-edit params, whose inputs ``k`` are used.
+    """
+    unsupported = [n for n in tensors if input_kind(n) is None]
+    if unsupported:
+        raise ValueError(
+            f"update action needs MLP tensors ({', '.join(KEY_KIND)}); edited without a known input: "
+            + ", ".join(unsupported)
+        )
+    names = list(tensors)
+    before = flatten(base)
     weights = {n: np.asarray(before[n], np.float32) for n in names}
-    deltas = {n: np.asarray(after[n], np.float32) - weights[n] for n in names}
+    deltas = {n: np.asarray(tensors[n], np.float32) - weights[n] for n in names}
     layers = sorted({int(n.split(".")[2]) for n in names})
     encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
     out = []
@@ -88,3 +95,23 @@ def update_action(
             ))
     return out
 
+
+
+def action_metrics(
+    base: Params, tensors: Mapping[str, Any], config: ModelConfig, tokenizer: Any, requests: Sequence[EditRequest]
+) -> dict[str, Metric]:
+    """Mean over the requests' edit prompts, and over their distinct locality prompts, of the
+    largest per-token action (``TokenAction.peak``). Empty when an edited tensor is not an MLP
+    tensor, or is not all on this host."""
+    if any(input_kind(n) is None or not getattr(v, "is_fully_addressable", True) for n, v in tensors.items()):
+        return {}
+    groups = {
+        "update_action/edit_prompts": [r.prompt for r in requests],
+        "update_action/locality_prompts": list(dict.fromkeys(p for r in requests for p in r.locality_prompts)),
+    }
+    out = {}
+    for name, prompts in groups.items():
+        if prompts:
+            peaks = [a.peak() for a in update_action(base, tensors, config, tokenizer, prompts)]
+            out[name] = Metric(float(np.mean(peaks)), len(peaks), len(peaks))
+    return out
