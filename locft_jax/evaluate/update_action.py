@@ -5,7 +5,7 @@ An edited MLP tensor ``W₀ → W₀ + ΔW`` changes its output at a token whose
 the pre-edit model, as the null-space projection sees them): large on the tokens the edit
 works through, ~0 on inputs it was kept off. It answers "why did this unrelated prompt move?"
 without decoding anything — e.g. on SmolLM2 an edit that keeps the listed neighbouring subjects
-at ~0.005 can still act on an unlisted country's name as strongly as on an edited one.
+at ~0.005 still acts on an unlisted country's name about half as strongly as on an edited one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from locft_jax.config import ModelConfig
@@ -68,8 +70,9 @@ def update_action(
         )
     names = list(tensors)
     before = flatten(base)
-    weights = {n: np.asarray(before[n], np.float32) for n in names}
-    deltas = {n: np.asarray(tensors[n], np.float32) - weights[n] for n in names}
+    # via the host: the edited tensors and the base may sit on different devices (or meshes)
+    weights = {n: jnp.asarray(np.asarray(before[n], np.float32)) for n in names}
+    deltas = {n: jnp.asarray(np.asarray(tensors[n], np.float32)) - weights[n] for n in names}
     layers = sorted({int(n.split(".")[2]) for n in names})
     encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
     out = []
@@ -83,10 +86,8 @@ def update_action(
             kinds = tuple(sorted({input_kind(n) for n in here}))
             keys = tensor_inputs(base, config, layer, kinds, batch.ids, batch.mask)
             for name in here:
-                k = np.asarray(keys[input_kind(name)], np.float64)
-                moved = np.linalg.norm(k @ deltas[name].T.astype(np.float64), axis=-1)
-                scale = np.linalg.norm(k @ weights[name].T.astype(np.float64), axis=-1)
-                ratios[name] = moved / np.maximum(scale, 1e-30)
+                k = np.asarray(keys[input_kind(name)])
+                ratios[name] = np.asarray(_relative_change(k, weights[name], deltas[name]), np.float64)
         for row, ids in enumerate(chunk):
             out.append(TokenAction(
                 texts[start + row],
@@ -95,6 +96,12 @@ def update_action(
             ))
     return out
 
+
+@jax.jit
+def _relative_change(keys: jax.Array, weight: jax.Array, delta: jax.Array) -> jax.Array:
+    """``‖ΔW k‖ / ‖W₀ k‖`` for each input row ``k`` of ``keys`` ([..., d_in]; weights [d_out, d_in])."""
+    moved = jnp.linalg.norm(keys @ delta.T, axis=-1)
+    return moved / jnp.maximum(jnp.linalg.norm(keys @ weight.T, axis=-1), 1e-30)
 
 
 def action_metrics(
