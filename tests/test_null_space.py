@@ -232,6 +232,7 @@ def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2
 
     from locft_jax.data import load_requests
     from locft_jax.evaluate import evaluate_requests, snapshot
+    from locft_jax.evaluate.update_action import action_metrics
 
     model, edits, _, _ = smollm2_capitals
     records = load_requests(Path(__file__).parents[1] / "experiments" / "data" / "country_capitals.json").requests
@@ -245,6 +246,11 @@ def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2
         post = evaluate_requests(result.params, model.config, model.tokenizer, edits, pre=pre,
                                  styles=("generation",)).post
         scores[name] = {k: post[f"generation/{k}"].value for k in ("reliability", "locality_retained")}
-    # measured 2026-11-30: known neighbours still right 66.7% (plain) -> 100%, reliability 100% in both
+        actions = action_metrics(model.params, result.trainable, model.config, model.tokenizer, edits)
+        scores[name]["action_ratio"] = (actions["update_action/locality_prompts"].value
+                                        / actions["update_action/edit_prompts"].value)
+    # measured 2026-11-30: known neighbours still right 66.7% (plain) -> 100%, reliability 100% in both;
+    # update action on the locality prompts over that on the edit prompts 1.01 (plain) -> 0.31
     assert scores["subject"]["locality_retained"] >= scores["plain"]["locality_retained"] + 0.15, scores
     assert scores["subject"]["reliability"] >= 0.9, scores
+    assert scores["plain"]["action_ratio"] > 0.8 and scores["subject"]["action_ratio"] < 0.5, scores
