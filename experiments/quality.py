@@ -10,8 +10,11 @@ general text, ``data/preserve.txt``, disjoint from the perplexity text; see
 ``+subject-null-space`` (the same projection with ``null_space_scope="subject"``: off each edit
 prompt's non-subject tokens and the neighbours' subject tokens, so the update acts through the
 edited subjects only), ``all`` (every variant but the subject-scoped one).
-Generalization is scored on a rephrase never trained on; locality on the data set's held-out
-locality prompts (never edited, never retained). For MLP edits, "update action" columns say where
+Generalization is scored per rephrase: "generalization" on each record's first rephrase, which no
+variant trains on (in the shipped sets it puts the subject first: "X's capital city is"), and
+"generalization, 2nd rephrase" on its second ("The capital city of X is", the prompt's word order),
+left empty for the variants that train on it (``+paraphrase``, ``all``). Locality is scored on the
+data set's held-out locality prompts (never edited, never retained). For MLP edits, "update action" columns say where
 the weight change acts: the mean over prompts of its largest per-token ``‖ΔW k‖ / ‖W₀ k‖``
 (``locft_jax.evaluate.update_action.action_metrics``), on the edit prompts and on the locality prompts.
 """
@@ -22,10 +25,12 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from experiments.cli_options import add_edit_options, edit_overrides
 from experiments.pipeline import load_job_model, new_run_dir
 from experiments.presets import edit_config
-from locft_jax.augment import held_out_rephrases, paraphrase_augmented, prefix_augmented, retain_requests
+from locft_jax.augment import paraphrase_augmented, prefix_augmented, retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
 from locft_jax.evaluate import evaluate_requests, snapshot
@@ -38,13 +43,14 @@ VARIANTS = ("plain", "+retain", "+paraphrase", "+prefix", "+null-space", "+subje
 DEFAULT_NULL_SPACE_TOL = 1e-3
 COLUMNS = {
     "generation/reliability": "reliability",
-    "generation/generalization": "generalization",
     "generation/locality": "locality (= pre-edit answer)",
     "generation/locality_retained": "known facts still right",
     "generation/locality_spill": "became an edit's target",
     "teacher_forced/reliability": "TF reliability",
     "teacher_forced/locality": "TF locality",
 }
+PARAPHRASE_VARIANTS = ("+paraphrase", "all")  # they train on every rephrase but the first
+REPHRASE_COLUMNS = ("generalization", "generalization, 2nd rephrase")
 ACTION_COLUMNS = {
     "update_action/edit_prompts": "update action, edit prompts",
     "update_action/locality_prompts": "update action, locality prompts",
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for relation in args.relations:
         records = load_requests(RELATIONS[relation]).requests
         requests, neighbours = records[: args.edits], records[args.edits : 2 * args.edits]
-        scored = held_out_rephrases(requests)
+        scored = requests  # every rephrase: generalization is split per rephrase (rephrase_generalization)
         pre = snapshot(model.params, model.config, model.tokenizer, scored, ("teacher_forced", "generation"))
         retain = retain_requests(model.params, model.config, model.tokenizer, [r.prompt for r in neighbours])
         for variant in args.variants:
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                    "seconds": result.seconds, "epochs": len(result.log), "final_loss": result.log[-1]["loss"],
                    "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1}
             row.update({name: ev.post[key].value for key, name in COLUMNS.items() if key in ev.post})
+            row.update(rephrase_generalization(ev.per_request, trained_on=variant in PARAPHRASE_VARIANTS))
             actions = action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests)
             row.update({name: actions[key].value for key, name in ACTION_COLUMNS.items() if key in actions})
             rows.append(row)
@@ -110,10 +117,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def rephrase_generalization(per_request: list[dict], trained_on: bool) -> dict[str, float | None]:
+    """Greedy exact match of the new target on each record's first and second rephrase, each
+    averaged over the records that have it; the second is None when the variant trained on it."""
+    hits: list[list[float]] = [[] for _ in REPHRASE_COLUMNS]
+    for row in per_request:
+        rephrases = [p["generation"] for p in row["probes"] if p["kind"] == "generalization"]
+        for i, hit in enumerate(rephrases[: len(REPHRASE_COLUMNS)]):
+            hits[i].append(hit)
+    out = {name: float(np.mean(h)) if h else None for name, h in zip(REPHRASE_COLUMNS, hits, strict=True)}
+    if trained_on:
+        out[REPHRASE_COLUMNS[1]] = None
+    return out
+
+
 def training_rows(variant, requests, retain, seed):
     """(edit rows, retain rows) of a variant."""
     train = list(requests)
-    if variant in ("+paraphrase", "all"):
+    if variant in PARAPHRASE_VARIANTS:
         train += paraphrase_augmented(requests)
     if variant in ("+prefix", "all"):
         train += prefix_augmented(requests, per_request=2, seed=seed)
@@ -122,7 +143,9 @@ def training_rows(variant, requests, retain, seed):
 
 
 def table(rows: list[dict], base_ppl: float) -> str:
-    names = ["relation", "variant", *COLUMNS.values(), *ACTION_COLUMNS.values(), "perplexity_change", "seconds"]
+    others = [name for key, name in COLUMNS.items() if key != "generation/reliability"]
+    names = ["relation", "variant", COLUMNS["generation/reliability"], *REPHRASE_COLUMNS, *others,
+             *ACTION_COLUMNS.values(), "perplexity_change", "seconds"]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows:
         cells = []

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,11 +59,6 @@ def prefix_augmented(
 def paraphrase_augmented(requests: Sequence[EditRequest], which: slice = slice(1, None)) -> list[EditRequest]:
     """Each edit again on ``rephrase_prompts[which]`` (default: all but the first, kept for evaluation)."""
     return [_training_copy(req, p) for req in requests for p in req.rephrase_prompts[which]]
-
-
-def held_out_rephrases(requests: Sequence[EditRequest], which: slice = slice(0, 1)) -> list[EditRequest]:
-    """The requests with only ``rephrase_prompts[which]`` kept: evaluate on rephrases never trained on."""
-    return [dataclasses.replace(r, rephrase_prompts=tuple(r.rephrase_prompts[which])) for r in requests]
 
 
 def _training_copy(req: EditRequest, prompt: str) -> EditRequest:

@@ -1,8 +1,8 @@
-"""Data augmentation rows: prefixes, paraphrases, held-out rephrases."""
+"""Data augmentation rows: prefixes and paraphrases."""
 
 from __future__ import annotations
 
-from locft_jax.augment import PREFIXES, held_out_rephrases, paraphrase_augmented, prefix_augmented
+from locft_jax.augment import PREFIXES, paraphrase_augmented, prefix_augmented
 from locft_jax.requests import EditRequest
 
 REQ = EditRequest("The capital of France is", "Rome", subject="France",
@@ -18,9 +18,7 @@ def test_prefix_augmentation_prepends_distinct_known_prefixes_deterministically(
     assert out == prefix_augmented([REQ], per_request=3, seed=1)
 
 
-def test_paraphrase_training_rows_and_evaluation_rephrases_are_disjoint():
+def test_paraphrase_training_rows_leave_the_first_rephrase_for_evaluation():
     train = paraphrase_augmented([REQ])
-    evaluate = held_out_rephrases([REQ])
     assert [r.prompt for r in train] == ["The capital city of France is"]
-    assert evaluate[0].rephrase_prompts == ("France's capital is",)
-    assert evaluate[0].prompt == REQ.prompt
+    assert train[0].target_new == "Rome" and train[0].subject == "France"

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from experiments.baselines.lora import LoraConfig, lora_edit
 from experiments.run import main
@@ -171,10 +172,23 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["plain", "+null-space", "+subject-null-space"]
     for row in rows:
-        for key in ("reliability", "generalization", "locality (= pre-edit answer)", "became an edit's target",
-                    "TF locality", "perplexity"):
+        for key in ("reliability", "generalization", "generalization, 2nd rephrase", "locality (= pre-edit answer)",
+                    "became an edit's target", "TF locality", "perplexity"):
             assert math.isfinite(row[key]), key
         assert "known facts still right" in row  # None here: the random model knows no capital
         assert row["update action, edit prompts"] > 0 and math.isfinite(row["update action, locality prompts"])
     assert "| capital | +null-space |" in (out / "report.md").read_text()
     assert (out / "quality.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_quality_splits_generalization_by_rephrase_and_leaves_out_a_trained_one():
+    from experiments.quality import rephrase_generalization
+
+    def row(*hits):
+        return {"probes": [{"kind": "reliability", "generation": 1.0},
+                           *({"kind": "generalization", "generation": h} for h in hits)]}
+
+    rows = [row(1.0, 0.0), row(0.0, 1.0), row(1.0)]  # the last record has one rephrase only
+    assert rephrase_generalization(rows, trained_on=False) == {
+        "generalization": pytest.approx(2 / 3), "generalization, 2nd rephrase": 0.5}
+    assert rephrase_generalization(rows, trained_on=True)["generalization, 2nd rephrase"] is None
