@@ -80,6 +80,11 @@ def test_edit_cli_takes_neighbour_subjects_for_the_subject_scoped_null_space(tin
             "--set", "null_space_tol=1e-6", "--set", "null_space_scope='subject'", "--out", str(out)]
     assert main(argv) == 0
     assert json.loads((out / "config.json").read_text())["edit_config"]["null_space_scope"] == "subject"
+    by_name = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "4", "--epochs", "1",
+               "--preset", "smollm2-135m-subject", "--preserve-subjects", str(neighbours), "--out", str(out / "p")]
+    assert main(by_name) == 0
+    preset = json.loads((out / "p" / "config.json").read_text())["edit_config"]
+    assert preset["null_space_scope"] == "subject" and preset["null_space_tol"] == 1e-3 and preset["lr"] == 1e-2
     neighbours.write_text('{"prompt": "The capital of Peru is", "target_new": "Lima"}\n')  # no subject
     assert main([*argv[:-1], str(tmp_path / "run2")]) != 0
     assert "preserve_subjects 0: field 'subject' is needed" in capsys.readouterr().err

@@ -35,6 +35,14 @@ def test_preset_found_by_shape_and_overrides_win():
         edit_config(smol, "gpt")
 
 
+def test_the_subject_scoped_preset_is_the_measured_recipe_and_is_only_chosen_by_name():
+    smol = _config("llama", 30, 576)
+    cfg = edit_config(smol, "smollm2-135m-subject")
+    assert (cfg.layers, cfg.module, cfg.lr, cfg.batch_size, cfg.epochs) == ((3,), "mlp_down", 1e-2, 8, 40)
+    assert cfg.null_space_tol == 1e-3 and cfg.null_space_scope == "subject"
+    assert preset_for(smol) == "smollm2-135m"
+
+
 @pytest.fixture(scope="module")
 def embedded():
     """The embedded SmolLM2-135M, loaded once for the slow tests of this module."""
