@@ -110,7 +110,9 @@ def action_metrics(
     """Mean over the requests' edit prompts, and over their distinct locality prompts, of the
     largest per-token action (``TokenAction.peak``). Empty when an edited tensor is not an MLP
     tensor, or is not all on this host."""
-    if any(input_kind(n) is None or not getattr(v, "is_fully_addressable", True) for n, v in tensors.items()):
+    before = flatten(base)
+    on_host = [getattr(v, "is_fully_addressable", True) for n in tensors for v in (tensors[n], before[n])]
+    if any(input_kind(n) is None for n in tensors) or not all(on_host):
         return {}
     groups = {
         "update_action/edit_prompts": [r.prompt for r in requests],
