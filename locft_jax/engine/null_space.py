@@ -28,7 +28,7 @@ every token, but the template's inputs are in its null space); adding *other sub
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -41,7 +41,7 @@ from locft_jax.engine.forward import prefix_inputs
 from locft_jax.engine.locations import MODULES, CachePoint, Location
 from locft_jax.params import Params
 from locft_jax.requests import EditRequest, RequestError
-from locft_jax.tokens import PromptTarget, bucket, encode_prompt, pad_target_batch
+from locft_jax.tokens import PromptTarget, TargetBatch, bucket, encode_prompt, pad_target_batch
 
 CHUNK_ROWS = 16
 # tensor name suffix → which input it reads (the d_ff activation or the post-attention normed residual)
@@ -71,23 +71,30 @@ def input_covariances(
     if not texts:
         raise ValueError("null-space projection needs at least one text to preserve")
     kinds = tuple(sorted({KEY_KIND[suffix] for suffix in KEY_KIND if _module_trains(location.module, suffix)}))
-    encoded = [PromptTarget(encode_prompt(tokenizer, t)[:max_length], []) for t in texts]
     token_masks = list(token_masks) if token_masks is not None else [None] * len(texts)
     out: dict[tuple[int, str], np.ndarray] = {}
-    for start in range(0, len(encoded), CHUNK_ROWS):
-        chunk = encoded[start : start + CHUNK_ROWS]
-        rows = chunk + [PromptTarget([], [])] * (CHUNK_ROWS - len(chunk))  # fixed row count: one compile
-        batch = pad_target_batch(rows, bucket(max(len(p) for p, _ in chunk)), 1)
+    for start, chunk, batch in padded_chunks(tokenizer, texts, max_length):
         keep = batch.mask.copy()
         for row, chosen in enumerate(token_masks[start : start + CHUNK_ROWS]):
             if chosen is not None:
-                n = len(chunk[row].prompt_ids)
+                n = len(chunk[row])
                 keep[row, :n] &= np.asarray(chosen, bool)[:n]
         for layer in location.layers:
             sums = _covariance_chunk(params, config, layer, kinds, batch.ids, batch.mask, keep)
             for kind, value in sums.items():
                 out[layer, kind] = out.get((layer, kind), 0.0) + np.asarray(value, np.float64)
     return out
+
+
+def padded_chunks(tokenizer: Any, texts: Sequence[str], max_length: int) -> Iterator[tuple[int, list, TargetBatch]]:
+    """``(start, token ids of texts[start:start + CHUNK_ROWS], right-padded batch)`` over ``texts``;
+    every batch has ``CHUNK_ROWS`` rows (empty ones after the last text), so each length bucket
+    compiles once."""
+    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
+    for start in range(0, len(encoded), CHUNK_ROWS):
+        chunk = encoded[start : start + CHUNK_ROWS]
+        rows = [PromptTarget(ids, []) for ids in chunk] + [PromptTarget([], [])] * (CHUNK_ROWS - len(chunk))
+        yield start, chunk, pad_target_batch(rows, bucket(max(len(ids) for ids in chunk)), 1)
 
 
 def input_kind(name: str) -> str | None:
@@ -118,8 +125,8 @@ def tensor_inputs(params: Params, config: ModelConfig, layer: int, kinds: tuple[
 def _covariance_chunk(params, config: ModelConfig, layer: int, kinds: tuple[str, ...], ids, mask, keep) -> dict:
     """``Σ k kᵀ`` over the ``keep`` tokens of one padded chunk, for each input kind of ``layer``."""
     weight = keep[..., None].astype(jnp.float32)
-    keys = tensor_inputs(params, config, layer, kinds, ids, mask)
-    return {kind: jnp.einsum("bti,btj->ij", k * weight, k * weight) for kind, k in keys.items()}
+    kept = {kind: k * weight for kind, k in tensor_inputs(params, config, layer, kinds, ids, mask).items()}
+    return {kind: jnp.einsum("bti,btj->ij", k, k) for kind, k in kept.items()}
 
 
 def subject_span(tokenizer: Any, request: EditRequest, label: str) -> tuple[int, int]:

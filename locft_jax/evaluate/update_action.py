@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from locft_jax.config import ModelConfig
-from locft_jax.engine.null_space import CHUNK_ROWS, KEY_KIND, input_kind, tensor_inputs
+from locft_jax.engine.null_space import KEY_KIND, input_kind, padded_chunks, tensor_inputs
 from locft_jax.evaluate.metrics import Metric
 from locft_jax.params import Params, flatten
 from locft_jax.requests import EditRequest
-from locft_jax.tokens import PromptTarget, bucket, encode_prompt, pad_target_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +73,8 @@ def update_action(
     weights = {n: jnp.asarray(np.asarray(before[n], np.float32)) for n in names}
     deltas = {n: jnp.asarray(np.asarray(tensors[n], np.float32)) - weights[n] for n in names}
     layers = sorted({int(n.split(".")[2]) for n in names})
-    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
     out = []
-    for start in range(0, len(encoded), CHUNK_ROWS):
-        chunk = encoded[start : start + CHUNK_ROWS]
-        rows = [PromptTarget(ids, []) for ids in chunk] + [PromptTarget([], [])] * (CHUNK_ROWS - len(chunk))
-        batch = pad_target_batch(rows, bucket(max(len(ids) for ids in chunk)), 1)
+    for start, chunk, batch in padded_chunks(tokenizer, texts, max_length):
         ratios: dict[str, np.ndarray] = {}
         for layer in layers:
             here = [n for n in names if int(n.split(".")[2]) == layer]
@@ -114,13 +109,9 @@ def action_metrics(
     on_host = [getattr(v, "is_fully_addressable", True) for n in tensors for v in (tensors[n], before[n])]
     if any(input_kind(n) is None for n in tensors) or not all(on_host):
         return {}
-    groups = {
-        "update_action/edit_prompts": [r.prompt for r in requests],
-        "update_action/locality_prompts": list(dict.fromkeys(p for r in requests for p in r.locality_prompts)),
-    }
-    out = {}
-    for name, prompts in groups.items():
-        if prompts:
-            peaks = [a.peak() for a in update_action(base, tensors, config, tokenizer, prompts)]
-            out[name] = Metric(float(np.mean(peaks)), len(peaks), len(peaks))
-    return out
+    edit_prompts = [r.prompt for r in requests]
+    locality = list(dict.fromkeys(p for r in requests for p in r.locality_prompts))
+    peaks = [a.peak() for a in update_action(base, tensors, config, tokenizer, edit_prompts + locality)]
+    groups = {"update_action/edit_prompts": peaks[: len(edit_prompts)],
+              "update_action/locality_prompts": peaks[len(edit_prompts) :]}
+    return {name: Metric(float(np.mean(p)), len(p), len(p)) for name, p in groups.items() if p}
