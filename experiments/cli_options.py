@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from locft_jax.engine import EditConfig
+from locft_jax.evaluate.unrelated import Fact, load_facts
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "country_capitals.json"
+DEFAULT_FACTS = Path(__file__).parent / "data" / "general_facts.json"
 
 
 def add_model_data_options(parser: argparse.ArgumentParser, default_edits: int | None = None) -> None:
@@ -20,6 +22,17 @@ def add_model_data_options(parser: argparse.ArgumentParser, default_edits: int |
     parser.add_argument("--format", default="auto", help="data format (auto-detected by default)")
     parser.add_argument("--edits", type=int, default=default_edits, help="use the first N requests")
     parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
+
+
+def add_facts_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--general-facts", default=str(DEFAULT_FACTS),
+        help="general facts (JSON list of prompt/answer) scored before and after as unrelated locality; '' for none",
+    )
+
+
+def load_job_facts(args: argparse.Namespace) -> list[Fact]:
+    return load_facts(args.general_facts) if args.general_facts else []
 
 
 def add_edit_options(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments.cli_options import DEFAULT_DATA, add_edit_options, edit_overrides
+from experiments.cli_options import DEFAULT_DATA, add_edit_options, add_facts_option, edit_overrides, load_job_facts
 from experiments.pipeline import load_job_model, new_run_dir, run_edit_job
 from experiments.presets import edit_config
 from locft_jax.data import load_requests
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: runs/default-<time>/)")
     parser.add_argument("--no-reload-check", action="store_true", help="skip reloading the export in transformers")
     add_edit_options(parser)
+    add_facts_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
           f"batch {config.batch_size}, up to {config.epochs} epochs", flush=True)
     job = {"name": "default", "model": "embedded:SmolLM2-135M-Instruct", "data": str(DEFAULT_DATA),
            "edits": len(requests)}
-    out = run_edit_job(model, requests, config, run_dir, job=job)
+    out = run_edit_job(model, requests, config, run_dir, job=job, facts=load_job_facts(args))
 
     after = generate_greedy(out.edit.params, model.config, model.tokenizer, [r.prompt for r in shown])
     print("\nBefore → after the edit:")

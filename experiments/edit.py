@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.cli_options import add_edit_options, add_model_data_options, edit_overrides
+from experiments.cli_options import (
+    add_edit_options,
+    add_facts_option,
+    add_model_data_options,
+    edit_overrides,
+    load_job_facts,
+)
 from experiments.pipeline import load_job_model, load_job_requests, new_run_dir, run_edit_job
 from experiments.presets import edit_config
 from locft_jax.augment import retain_requests
@@ -17,6 +23,7 @@ from locft_jax.evaluate import markdown_table
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_data_options(parser)
     add_edit_options(parser)
+    add_facts_option(parser)
     parser.add_argument("--out", help="run directory (default: runs/edit-<time>/)")
     parser.add_argument("--export-hf", action="store_true", help="write OUT/hf, a transformers checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -48,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     preserve = load_texts(args.preserve) if args.preserve else []
     subjects = load_requests(args.preserve_subjects).requests if args.preserve_subjects else []
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
-                       retain=retain, preserve=preserve, preserve_subjects=subjects)
+                       retain=retain, preserve=preserve, preserve_subjects=subjects,
+                       facts=load_job_facts(args))
     print(markdown_table(out.evaluation))
     print(f"run directory: {run_dir}")
     return 0

@@ -14,6 +14,7 @@ from locft_jax import Model, load_model
 from locft_jax.data import load_requests
 from locft_jax.engine import EditConfig, EditResult, edit
 from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, snapshot, write_report
+from locft_jax.evaluate.unrelated import Fact, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
 from locft_jax.requests import EditRequest
 
@@ -67,20 +68,26 @@ def run_edit_job(
     retain: list[EditRequest] | tuple = (),
     preserve: list[str] | tuple = (),
     preserve_subjects: list[EditRequest] | tuple = (),
+    facts: list[Fact] | tuple = (),
 ) -> JobResult:
     """Edit, evaluate (pre-edit snapshot taken first), write report files and the HF export.
 
     ``retain`` / ``preserve`` / ``preserve_subjects``: passed to ``edit`` (retain rows; null-space
-    texts; neighbours whose subjects the subject-scoped null space keeps).
+    texts; neighbours whose subjects the subject-scoped null space keeps). ``facts``: general facts
+    scored before and after (``unrelated/*`` metrics; ``locft_jax.evaluate.unrelated``).
     """
     (run_dir / "config.json").write_text(json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
+    pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     result = edit(
         model, requests, config, checkpoint_dir=run_dir / "checkpoints", resume=resume, progress=True,
         log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve, preserve_subjects=preserve_subjects,
     )
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
     evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests))
+    if pre_facts is not None:
+        post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts)
+        evaluation.add_metrics(unrelated_metrics(pre_facts, post_facts), unrelated_metrics(pre_facts, pre_facts))
     write_report(evaluation, run_dir)
     (run_dir / "report.md").write_text(report_markdown(job, config, result, evaluation))
     hf_dir = None

@@ -14,9 +14,11 @@ Generalization is scored per rephrase: "generalization" on each record's first r
 variant trains on (in the shipped sets it puts the subject first: "X's capital city is"), and
 "generalization, 2nd rephrase" on its second ("The capital city of X is", the prompt's word order),
 left empty for the variants that train on it (``+paraphrase``, ``all``). Locality is scored on the
-data set's held-out locality prompts (never edited, never retained). For MLP edits, "update action" columns say where
-the weight change acts: the mean over prompts of its largest per-token ``‖ΔW k‖ / ‖W₀ k‖``
-(``locft_jax.evaluate.update_action.action_metrics``), on the edit prompts and on the locality prompts.
+data set's held-out locality prompts (never edited, never retained: the same relation, other
+subjects) and on general facts (``--general-facts``; ``locft_jax.evaluate.unrelated``). For MLP
+edits, "update action" columns say where the weight change acts: the mean over prompts of its
+largest per-token ``‖ΔW k‖ / ‖W₀ k‖`` (``locft_jax.evaluate.update_action.action_metrics``), on
+the edit prompts and on the locality prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cli_options import add_edit_options, edit_overrides
+from experiments.cli_options import add_edit_options, add_facts_option, edit_overrides, load_job_facts
 from experiments.pipeline import load_job_model, new_run_dir
 from experiments.presets import edit_config
 from locft_jax.augment import paraphrase_augmented, prefix_augmented, retain_requests
@@ -35,6 +37,7 @@ from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
 from locft_jax.evaluate import evaluate_requests, snapshot
 from locft_jax.evaluate.capability import perplexity
+from locft_jax.evaluate.unrelated import fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
 
 DATA = Path(__file__).parent / "data"
@@ -48,6 +51,9 @@ COLUMNS = {
     "generation/locality_spill": "became an edit's target",
     "teacher_forced/reliability": "TF reliability",
     "teacher_forced/locality": "TF locality",
+    "unrelated/generation": "general facts (= pre-edit answer)",
+    "unrelated/still_right": "general facts still right",
+    "unrelated/teacher_forced": "TF general facts",
 }
 PARAPHRASE_VARIANTS = ("+paraphrase", "all")  # they train on every rephrase but the first
 REPHRASE_COLUMNS = ("generalization", "generalization, 2nd rephrase")
@@ -67,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="general text (one passage per line) that +null-space also preserves; '' for none")
     parser.add_argument("--out", help="run directory (default: runs/quality-<time>/)")
     add_edit_options(parser)
+    add_facts_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text()
     general = load_texts(args.preserve_text) if args.preserve_text else []
     base_ppl = perplexity(model.params, model.config, model.tokenizer, text).value
+    facts = load_job_facts(args)
+    pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     rows = []
     for relation in args.relations:
         records = load_requests(RELATIONS[relation]).requests
@@ -99,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
                           progress=True)
             ev = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre,
                                    styles=("teacher_forced", "generation"))
+            if pre_facts is not None:
+                ev.add_metrics(unrelated_metrics(pre_facts, fact_snapshot(result.params, model.config,
+                                                                          model.tokenizer, facts)))
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
                    "seconds": result.seconds, "epochs": len(result.log), "final_loss": result.log[-1]["loss"],

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from experiments.cli_options import DEFAULT_FACTS
 from experiments.run import main
+from locft_jax.evaluate.unrelated import load_facts
 
 ROOT = Path(__file__).parents[1]
 DATA = ROOT / "experiments" / "data" / "country_capitals.json"
@@ -52,6 +54,10 @@ def test_edit_cli_writes_config_log_metrics_and_export(tiny_llama_dir, tmp_path)
     assert post["teacher_forced/reliability"]["count"] == 6
     assert post["update_action/edit_prompts"]["count"] == 6 and post["update_action/edit_prompts"]["value"] > 0
     assert "update_action/locality_prompts" in (out / "metrics.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    n_facts = len(load_facts(DEFAULT_FACTS))  # the shipped general facts, scored by default
+    assert metrics["post"]["unrelated/generation"]["count"] == n_facts
+    assert metrics["pre"]["unrelated/generation"]["value"] == metrics["pre"]["unrelated/teacher_forced"]["value"] == 1
     assert (out / "hf" / "model.safetensors").exists()
 
 

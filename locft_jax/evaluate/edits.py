@@ -101,9 +101,30 @@ def snapshot(
     stop_at: Sequence[str] = generate.DEFAULT_STOP_AT,
     batch_size: int = generate.DEFAULT_BATCH_SIZE,
 ) -> Snapshot:
-    """Run the model over every probe once per requested style."""
-    snap = Snapshot(probes_of(requests), snapshot_settings(styles, max_new_tokens, stop_at))
-    probes = snap.probes
+    """Run the model over every probe of the requests once per requested style."""
+    snap = score_probes(params, config, tokenizer, probes_of(requests), styles, max_new_tokens, stop_at, batch_size)
+    if "fluency" in styles:
+        edit_prompts = [r.prompt for r in requests]
+        gen = generate.generate_greedy(
+            params, config, tokenizer, edit_prompts, FLUENCY_TOKENS, batch_size, stop_at=()
+        )
+        snap.fluency_texts = [p + g for p, g in zip(edit_prompts, gen, strict=True)]
+    return snap
+
+
+def score_probes(
+    params: Params,
+    config: ModelConfig,
+    tokenizer: Any,
+    probes: Sequence[Probe],
+    styles: Sequence[str] = ("teacher_forced", "generation"),
+    max_new_tokens: int = 32,
+    stop_at: Sequence[str] = generate.DEFAULT_STOP_AT,
+    batch_size: int = generate.DEFAULT_BATCH_SIZE,
+) -> Snapshot:
+    """Teacher-forced argmax tokens and accuracy, and greedy answers, on ``probes`` (fluency,
+    which belongs to requests, is ``snapshot``'s)."""
+    snap = Snapshot(list(probes), snapshot_settings(styles, max_new_tokens, stop_at))
     prompts, answers = [p.prompt for p in probes], [p.answer for p in probes]
     if "teacher_forced" in styles:
         scores = teacher_forced.score_targets(params, config, tokenizer, prompts, answers, batch_size)
@@ -114,12 +135,6 @@ def snapshot(
         gen = generate.generate_greedy(params, config, tokenizer, unique, max_new_tokens, batch_size, stop_at)
         by_prompt = dict(zip(unique, gen, strict=True))
         snap.answers = [by_prompt[p] for p in prompts]
-    if "fluency" in styles:
-        edit_prompts = [r.prompt for r in requests]
-        gen = generate.generate_greedy(
-            params, config, tokenizer, edit_prompts, FLUENCY_TOKENS, batch_size, stop_at=()
-        )
-        snap.fluency_texts = [p + g for p, g in zip(edit_prompts, gen, strict=True)]
     return snap
 
 

@@ -26,3 +26,10 @@ def exact_match(prediction: str, reference: str | Sequence[str]) -> bool:
     refs = [reference] if isinstance(reference, str) else list(reference)
     pred = normalize_answer(prediction)
     return any(pred == normalize_answer(r) for r in refs)
+
+
+def starts_with_answer(prediction: str, reference: str) -> bool:
+    """Whether the normalised prediction begins with the normalised reference as whole words
+    ("Jupiter, the largest" starts with "Jupiter"; "Jupiterian" does not)."""
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    return bool(ref) and (pred == ref or pred.startswith(ref + " "))

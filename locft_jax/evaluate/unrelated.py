@@ -1,0 +1,79 @@
+"""Locality on unrelated facts: what the edit does to knowledge no edit is about.
+
+The paper's locality is "unrelated prompts keep their pre-edit answer". An edit set's own
+locality prompts are often about neighbours (the same relation, other subjects: CounterFact's
+neighbourhood); this scores a separate list of general facts (``experiments/data/general_facts.json``:
+science, books, people, places), each a prompt and its true answer. Three numbers, post-edit
+against the pre-edit model's snapshot of the same facts:
+
+* ``unrelated/generation``: the greedy answer (≤ 32 tokens, cut at "." / newline / EOS) equals the
+  pre-edit one after normalisation (the paper's scoring; strict: the whole continuation counts);
+* ``unrelated/teacher_forced``: the share of answer tokens whose teacher-forced argmax is unchanged
+  (EasyEdit's locality);
+* ``unrelated/still_right``: of the facts whose pre-edit answer began with the true answer, the
+  share whose post-edit answer still does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from locft_jax.config import ModelConfig
+from locft_jax.data.fields import FieldError, required_text
+from locft_jax.evaluate.edits import Probe, Snapshot, score_probes
+from locft_jax.evaluate.generation_match import exact_match, starts_with_answer
+from locft_jax.evaluate.metrics import Metric, pooled
+from locft_jax.model import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    prompt: str
+    answer: str
+
+
+def load_facts(path: str | os.PathLike[str]) -> list[Fact]:
+    """A JSON list of ``{"prompt": ..., "answer": ...}``; errors name the file, record and field."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty JSON list of {{'prompt', 'answer'}} records")
+    facts = []
+    for i, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise FieldError(f"expected an object, got {type(record).__name__}")
+            facts.append(Fact(required_text(record, "prompt"), required_text(record, "answer")))
+        except FieldError as e:
+            raise ValueError(f"{path}: record {i}: {e}") from None
+    return facts
+
+
+def fact_snapshot(params: Params, config: ModelConfig, tokenizer: Any, facts: Sequence[Fact]) -> Snapshot:
+    """Teacher-forced argmax on each fact's answer and the greedy answer, for one model."""
+    probes = [Probe(i, "locality", f.prompt, f.answer) for i, f in enumerate(facts)]
+    return score_probes(params, config, tokenizer, probes)
+
+
+def unrelated_metrics(pre: Snapshot, post: Snapshot) -> dict[str, Metric]:
+    """``unrelated/{generation,teacher_forced,still_right}`` of ``post`` against ``pre`` (module doc)."""
+    if pre.probes != post.probes or pre.settings != post.settings:
+        raise ValueError("pre- and post-edit fact snapshots differ in facts or settings")
+    answers = [p.answer for p in post.probes]
+    known = [i for i, a in enumerate(answers) if starts_with_answer(pre.answers[i], a)]
+    same_answer = [float(exact_match(b, a)) for a, b in zip(pre.answers, post.answers, strict=True)]
+    same_tokens = [float(np.mean(np.equal(a, b))) for a, b in zip(pre.predicted, post.predicted, strict=True)]
+    return {
+        "unrelated/generation": pooled(same_answer),
+        "unrelated/teacher_forced": pooled(same_tokens),
+        "unrelated/still_right": pooled([float(starts_with_answer(post.answers[i], answers[i])) for i in known]),
+    }
