@@ -173,7 +173,8 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
     assert [r["variant"] for r in rows] == ["plain", "+null-space", "+subject-null-space"]
     for row in rows:
         for key in ("reliability", "generalization", "generalization, 2nd rephrase", "locality (= pre-edit answer)",
-                    "became an edit's target", "TF locality", "perplexity"):
+                    "became an edit's target", "TF locality", "perplexity", "general facts (= pre-edit answer)",
+                    "TF general facts"):
             assert math.isfinite(row[key]), key
         assert "known facts still right" in row  # None here: the random model knows no capital
         assert row["update action, edit prompts"] > 0 and math.isfinite(row["update action, locality prompts"])
