@@ -1,6 +1,6 @@
 """Scoring edits the way the field does: EasyEdit's teacher-forced token accuracy and the paper's
-greedy-generation exact match, plus locality, fluency and general capability, and where an edit acts
-(``update_action``)."""
+greedy-generation exact match, plus locality (neighbours, and general facts: ``unrelated``),
+fluency and general capability, and where an edit acts (``update_action``)."""
 
 from locft_jax.evaluate.capability import evaluate_capability
 from locft_jax.evaluate.edits import (
@@ -17,11 +17,13 @@ from locft_jax.evaluate.generation_match import exact_match, normalize_answer
 from locft_jax.evaluate.metrics import Metric
 from locft_jax.evaluate.report import markdown_table, write_report
 from locft_jax.evaluate.teacher_forced import score_targets, token_accuracy
+from locft_jax.evaluate.unrelated import Fact, fact_snapshot, load_facts, unrelated_metrics
 from locft_jax.evaluate.update_action import TokenAction, update_action
 
 __all__ = [
     "STYLES",
     "EvalResult",
+    "Fact",
     "Metric",
     "PreEditSnapshot",
     "Snapshot",
@@ -29,6 +31,8 @@ __all__ = [
     "evaluate_capability",
     "evaluate_requests",
     "exact_match",
+    "fact_snapshot",
+    "load_facts",
     "markdown_table",
     "n_gram_entropy",
     "normalize_answer",
@@ -36,6 +40,7 @@ __all__ = [
     "score_targets",
     "snapshot",
     "token_accuracy",
+    "unrelated_metrics",
     "update_action",
     "write_report",
 ]
