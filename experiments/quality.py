@@ -66,6 +66,8 @@ ACTION_COLUMNS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="default: the embedded SmolLM2")
     parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--neighbours", type=int,
+                        help="records after the edits used as neighbours (retain rows, null spaces; default: --edits)")
     parser.add_argument("--relations", nargs="+", default=list(RELATIONS), choices=list(RELATIONS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--text", default=str(DATA / "perplexity.txt"), help="perplexity text (capability)")
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for relation in args.relations:
         records = load_requests(RELATIONS[relation]).requests
-        requests, neighbours = records[: args.edits], records[args.edits : 2 * args.edits]
+        n_neighbours = args.edits if args.neighbours is None else args.neighbours
+        requests, neighbours = records[: args.edits], records[args.edits : args.edits + n_neighbours]
         scored = requests  # every rephrase: generalization is split per rephrase (rephrase_generalization)
         pre = snapshot(model.params, model.config, model.tokenizer, scored, ("teacher_forced", "generation"))
         retain = retain_requests(model.params, model.config, model.tokenizer, [r.prompt for r in neighbours])
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                                                                           model.tokenizer, facts)))
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
+                   "neighbours": len(neighbours),
                    "seconds": result.seconds, "epochs": len(result.log), "final_loss": result.log[-1]["loss"],
                    "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1}
             row.update({name: ev.post[key].value for key, name in COLUMNS.items() if key in ev.post})

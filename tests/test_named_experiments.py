@@ -166,11 +166,12 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
     out = tmp_path / "q"
     code = main(["quality", "--model", str(tiny_llama_dir), "--edits", "3", "--relations", "capital",
                  "--variants", "plain", "+null-space", "+subject-null-space", "--epochs", "1", "--layer", "-1",
-                 "--out", str(out),
+                 "--neighbours", "5", "--out", str(out),
                  "--set", "null_space_tol=1e-2", "--set", "null_space_mode=soft"])  # plain runs without them
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["plain", "+null-space", "+subject-null-space"]
+    assert {r["neighbours"] for r in rows} == {5}
     for row in rows:
         for key in ("reliability", "generalization", "generalization, 2nd rephrase", "locality (= pre-edit answer)",
                     "became an edit's target", "TF locality", "perplexity", "general facts (= pre-edit answer)",
