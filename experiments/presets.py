@@ -38,7 +38,7 @@ PRESETS: dict[str, Preset] = {
     # "Generalization per rephrase"): the update acts only through the edited subjects; pass the
     # subjects to keep as preserve_subjects. 50 capital edits: 100% reliability, known neighbours
     # 100% still right, 74% on the word-order-keeping rephrase (2% subject-first), +2.4% perplexity;
-    # but general facts (no edit's subject) 72.7% still right, against 90.9% for "smollm2-135m".
+    # but general facts (other relations) 72.7% still right, against 90.9% for "smollm2-135m".
     "smollm2-135m-subject": Preset(
         30,
         dict(layers=(3,), module="mlp_down", lr=1e-2, batch_size=8, epochs=40, null_space_tol=1e-3,

@@ -45,7 +45,7 @@ LABELS = {
     "generation/locality_vs_answer": "greedy answer on locality prompts exact-matches the locality answer",
     "generation/locality_retained": "of locality prompts answered right before the edit, share still right",
     "generation/locality_spill": "locality prompts whose greedy answer became some edit's target_new (not so before)",
-    "unrelated/generation": "paper: greedy answer on a general fact (no edit's subject) exact-matches the pre-edit one",
+    "unrelated/generation": "paper: greedy answer on a general fact (another relation) exact-matches the pre-edit one",
     "unrelated/teacher_forced": "EasyEdit: share of a general fact's answer tokens whose argmax is unchanged",
     "unrelated/still_right": "of general facts answered right before the edit (answer first), share still right",
     "fluency/ngram_entropy": "ROME/EasyEdit weighted 2/3-gram entropy of prompt + greedy continuation",

@@ -1,9 +1,11 @@
-"""Locality on unrelated facts: what the edit does to knowledge no edit is about.
+"""Locality on general facts: what the edit does to knowledge of other relations.
 
 The paper's locality is "unrelated prompts keep their pre-edit answer". An edit set's own
 locality prompts are often about neighbours (the same relation, other subjects: CounterFact's
 neighbourhood); this scores a separate list of general facts (``experiments/data/general_facts.json``:
-science, books, people, places), each a prompt and its true answer. Three numbers, post-edit
+science, books, people, places; a few name a country in another relation, e.g. its currency,
+which an edit of that country's capital must leave alone too), each a prompt and its true
+answer. Three numbers, post-edit
 against the pre-edit model's snapshot of the same facts:
 
 * ``unrelated/generation``: the greedy answer (≤ 32 tokens, cut at "." / newline / EOS) equals the
