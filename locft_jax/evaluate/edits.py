@@ -138,7 +138,7 @@ def score_probes(
     return snap
 
 
-def _probe_scores(post: Snapshot, pre: Snapshot | None, i: int) -> dict[str, float]:
+def probe_scores(post: Snapshot, pre: Snapshot | None, i: int) -> dict[str, float]:
     """Every score of probe ``i`` (those needing a pre-edit snapshot only when there is one)."""
     probe, out = post.probes[i], {}
     locality = probe.kind == "locality"
@@ -176,7 +176,7 @@ def _metrics(post: Snapshot, pre: Snapshot | None, n_requests: int) -> tuple[dic
     new_targets = {normalize_answer(p.answer) for p in post.probes if p.kind == "reliability"}
     compare = post.answers is not None and pre is not None and pre.answers is not None
     for i, probe in enumerate(post.probes):
-        scores = _probe_scores(post, pre, i)
+        scores = probe_scores(post, pre, i)
         detail = {"kind": probe.kind, "prompt": probe.prompt, "answer": probe.answer}
         if post.answers is not None:
             detail["post_answer"] = post.answers[i]

@@ -5,8 +5,7 @@ locality prompts are often about neighbours (the same relation, other subjects: 
 neighbourhood); this scores a separate list of general facts (``experiments/data/general_facts.json``:
 science, books, people, places; a few name a country in another relation, e.g. its currency,
 which an edit of that country's capital must leave alone too), each a prompt and its true
-answer. Three numbers, post-edit
-against the pre-edit model's snapshot of the same facts:
+answer. Three numbers, post-edit against the pre-edit model's snapshot of the same facts:
 
 * ``unrelated/generation``: the greedy answer (≤ 32 tokens, cut at "." / newline / EOS) equals the
   pre-edit one after normalisation (the paper's scoring; strict: the whole continuation counts);
@@ -25,12 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from locft_jax.config import ModelConfig
 from locft_jax.data.fields import FieldError, required_text
-from locft_jax.evaluate.edits import Probe, Snapshot, score_probes
-from locft_jax.evaluate.generation_match import exact_match, starts_with_answer
+from locft_jax.evaluate.edits import Probe, Snapshot, probe_scores, score_probes
+from locft_jax.evaluate.generation_match import starts_with_answer
 from locft_jax.evaluate.metrics import Metric, pooled
 from locft_jax.model import Params
 
@@ -70,12 +67,12 @@ def unrelated_metrics(pre: Snapshot, post: Snapshot) -> dict[str, Metric]:
     """``unrelated/{generation,teacher_forced,still_right}`` of ``post`` against ``pre`` (module doc)."""
     if pre.probes != post.probes or pre.settings != post.settings:
         raise ValueError("pre- and post-edit fact snapshots differ in facts or settings")
+    # the pre/post agreement of each probe, by the rules of the edit sets' own locality probes
+    scores = [probe_scores(post, pre, i) for i in range(len(post.probes))]
     answers = [p.answer for p in post.probes]
     known = [i for i, a in enumerate(answers) if starts_with_answer(pre.answers[i], a)]
-    same_answer = [float(exact_match(b, a)) for a, b in zip(pre.answers, post.answers, strict=True)]
-    same_tokens = [float(np.mean(np.equal(a, b))) for a, b in zip(pre.predicted, post.predicted, strict=True)]
     return {
-        "unrelated/generation": pooled(same_answer),
-        "unrelated/teacher_forced": pooled(same_tokens),
+        "unrelated/generation": pooled([s["generation"] for s in scores]),
+        "unrelated/teacher_forced": pooled([s["teacher_forced"] for s in scores]),
         "unrelated/still_right": pooled([float(starts_with_answer(post.answers[i], answers[i])) for i in known]),
     }
