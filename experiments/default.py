@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print("Loading SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32) ...", flush=True)
+    facts = load_job_facts(args)  # a bad file fails before any work
     model = load_job_model(None)
     requests = load_requests(DEFAULT_DATA, limit=args.edits).requests
     config = edit_config(model.config, args.preset, **edit_overrides(args))
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
           f"batch {config.batch_size}, up to {config.epochs} epochs", flush=True)
     job = {"name": "default", "model": "embedded:SmolLM2-135M-Instruct", "data": str(DEFAULT_DATA),
            "edits": len(requests)}
-    out = run_edit_job(model, requests, config, run_dir, job=job, facts=load_job_facts(args))
+    out = run_edit_job(model, requests, config, run_dir, job=job, facts=facts)
 
     after = generate_greedy(out.edit.params, model.config, model.tokenizer, [r.prompt for r in shown])
     print("\nBefore → after the edit:")

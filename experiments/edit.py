@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    facts = load_job_facts(args)  # a bad file fails before any work
     run_dir = new_run_dir(args.out, "edit", args.resume)
     model = load_job_model(args.model, args.dtype)
     requests = load_job_requests(args)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     subjects = load_requests(args.preserve_subjects).requests if args.preserve_subjects else []
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
                        retain=retain, preserve=preserve, preserve_subjects=subjects,
-                       facts=load_job_facts(args))
+                       facts=facts)
     print(markdown_table(out.evaluation))
     print(f"run directory: {run_dir}")
     return 0

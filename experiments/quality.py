@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.neighbours is not None and args.neighbours < 0:
+        raise ValueError(f"--neighbours must be >= 0, got {args.neighbours}")
+    facts = load_job_facts(args)  # a bad file fails before any work
     run_dir = new_run_dir(args.out, "quality")
     model = load_job_model(args.model)
     config = edit_config(model.config, args.preset, **edit_overrides(args))
@@ -86,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text()
     general = load_texts(args.preserve_text) if args.preserve_text else []
     base_ppl = perplexity(model.params, model.config, model.tokenizer, text).value
-    facts = load_job_facts(args)
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     rows = []
     for relation in args.relations:

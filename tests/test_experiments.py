@@ -123,3 +123,14 @@ def test_edit_cli_names_the_bad_record(tiny_llama_dir, tmp_path, capsys):
 def test_unknown_experiment_lists_the_choices(capsys):
     assert main(["nope"]) == 2
     assert "choose one of: default, edit, df-vs-bf" in capsys.readouterr().err
+
+
+def test_edit_cli_rejects_a_bad_general_facts_file_before_any_output(tiny_llama_dir, tmp_path, capsys):
+    facts = tmp_path / "facts.json"
+    facts.write_text('[{"prompt": "The sky is", "answer": "blue"}, {"answer": "no prompt"}]')
+    out = tmp_path / "run"
+    code = main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2", "--epochs", "1",
+                 "--general-facts", str(facts), "--out", str(out)])
+    assert code == 2
+    assert "record 1: missing field 'prompt'" in capsys.readouterr().err
+    assert not out.exists()
