@@ -14,7 +14,7 @@ from experiments.cli_options import (
 )
 from experiments.pipeline import load_job_model, load_job_requests, new_run_dir, run_edit_job
 from experiments.presets import edit_config
-from locft_jax.augment import retain_requests
+from locft_jax.augment import preserve_texts, retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate import markdown_table
@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preserve", help="text file, one passage per line, that null-space projection keeps (--set null_space_tol=…)"
     )
     parser.add_argument(
+        "--preserve-prompts",
+        help="text file, one prompt per line: null-space projection keeps the model's own answers to them",
+    )
+    parser.add_argument(
         "--preserve-subjects",
         help="requests file (with subjects): the subject-scoped null space keeps these subjects "
         "(--set null_space_tol=1e-3 --set null_space_scope=subject)",
@@ -40,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     facts = load_job_facts(args)  # a bad file fails before any work
+    preserve_prompts = load_texts(args.preserve_prompts) if args.preserve_prompts else []
     run_dir = new_run_dir(args.out, "edit", args.resume)
     model = load_job_model(args.model, args.dtype)
     requests = load_job_requests(args)
@@ -54,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         prompts = [r.prompt for r in load_requests(args.retain).requests]
         retain = retain_requests(model.params, model.config, model.tokenizer, prompts)
     preserve = load_texts(args.preserve) if args.preserve else []
+    if preserve_prompts:
+        preserve += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, preserve_prompts))
     subjects = load_requests(args.preserve_subjects).requests if args.preserve_subjects else []
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
                        retain=retain, preserve=preserve, preserve_subjects=subjects,

@@ -4,9 +4,11 @@ Variants (each adds one exact term to the training data; see ``locft_jax.augment
 ``plain`` (the preset's recipe), ``+retain`` (neighbours: the same relation for subjects not
 edited in this run, trained towards the pre-edit model's own answers), ``+paraphrase`` (train on
 rephrases other than the one evaluated), ``+prefix`` (the paper's prefix augmentation),
-``+null-space`` (updates projected off the inputs to the edited tensor of the neighbours and of a
-general text, ``data/preserve.txt``, disjoint from the perplexity text; see
-``locft_jax.engine.null_space``; ``null_space_tol`` from the config, 1e-3 when unset),
+``+null-space`` (updates projected off the inputs to the edited tensor of the neighbours, of a
+general text, ``data/preserve.txt``, disjoint from the perplexity text, and of general fact
+prompts with the model's own answers, ``data/preserve_facts.txt``, disjoint from the scored
+general facts; see ``locft_jax.engine.null_space``; ``null_space_tol`` from the config, 1e-3 when
+unset),
 ``+subject-null-space`` (the same projection with ``null_space_scope="subject"``: off each edit
 prompt's non-subject tokens and the neighbours' subject tokens, so the update acts through the
 edited subjects only), ``all`` (every variant but the subject-scoped one).
@@ -32,7 +34,7 @@ import numpy as np
 from experiments.cli_options import add_edit_options, add_facts_option, edit_overrides, load_job_facts
 from experiments.pipeline import load_job_model, new_run_dir
 from experiments.presets import edit_config
-from locft_jax.augment import paraphrase_augmented, prefix_augmented, retain_requests
+from locft_jax.augment import paraphrase_augmented, prefix_augmented, preserve_texts, retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
 from locft_jax.evaluate import evaluate_requests, snapshot
@@ -73,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default=str(DATA / "perplexity.txt"), help="perplexity text (capability)")
     parser.add_argument("--preserve-text", default=str(DATA / "preserve.txt"),
                         help="general text (one passage per line) that +null-space also preserves; '' for none")
+    parser.add_argument("--preserve-facts", default=str(DATA / "preserve_facts.txt"),
+                        help="prompts (one per line) whose own answers +null-space also preserves; '' for none")
     parser.add_argument("--out", help="run directory (default: runs/quality-<time>/)")
     add_edit_options(parser)
     add_facts_option(parser)
@@ -82,12 +86,16 @@ def run(args: argparse.Namespace) -> int:
     if args.neighbours is not None and args.neighbours < 0:
         raise ValueError(f"--neighbours must be >= 0, got {args.neighbours}")
     facts = load_job_facts(args)  # a bad file fails before any work
+    general = load_texts(args.preserve_text) if args.preserve_text else []
+    uses_null_space = bool({"+null-space", "all"} & set(args.variants))
+    fact_prompts = load_texts(args.preserve_facts) if args.preserve_facts and uses_null_space else []
     run_dir = new_run_dir(args.out, "quality")
     model = load_job_model(args.model)
     config = edit_config(model.config, args.preset, **edit_overrides(args))
     (run_dir / "config.json").write_text(json.dumps({"argv": vars(args), "edit_config": config.to_dict()}, indent=2))
     text = Path(args.text).read_text()
-    general = load_texts(args.preserve_text) if args.preserve_text else []
+    if fact_prompts:
+        general += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, fact_prompts))
     base_ppl = perplexity(model.params, model.config, model.tokenizer, text).value
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     rows = []
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             if variant in ("+null-space", "all"):
                 variant_config = config.replace(null_space_tol=tol, null_space_scope="all")
                 # edit() adds the retain rows' texts itself
-                preserve = general + ([] if keep else [f"{r.prompt} {r.target_new}" for r in retain])
+                preserve = general + ([] if keep else preserve_texts(retain))
             elif variant == "+subject-null-space":
                 variant_config, subjects = config.replace(null_space_tol=tol, null_space_scope="subject"), neighbours
             result = edit(model, train, variant_config, retain=keep, preserve=preserve, preserve_subjects=subjects,
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                                                                           model.tokenizer, facts)))
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
-                   "neighbours": len(neighbours),
+                   "neighbours": len(neighbours), "preserved_texts": len(preserve),
                    "seconds": result.seconds, "epochs": len(result.log), "final_loss": result.log[-1]["loss"],
                    "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1}
             row.update({name: ev.post[key].value for key, name in COLUMNS.items() if key in ev.post})

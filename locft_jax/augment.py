@@ -5,6 +5,9 @@
   shuffled into the same batches with loss weight ``EditConfig.retain_weight``. Good sources:
   neighbours — the same relation for subjects that are not edited (e.g. the unused records of the
   edit set's file) — or locality prompts held out from evaluation.
+- ``preserve_texts``: requests as one text each ("prompt target"), the form
+  ``edit(..., preserve=...)`` takes; of ``retain_requests``' rows, the null space then keeps the
+  edited tensor's inputs on the model's own answers to those prompts.
 - ``prefix_augmented``: each edit again behind short neutral prefixes (the paper's appendix
   prefix augmentation), so the new fact does not hinge on the prompt starting the text.
 - ``paraphrase_augmented``: each edit again on its rephrase prompts (evaluate generalization on
@@ -42,6 +45,11 @@ def retain_requests(
     prompts = list(dict.fromkeys(prompts))
     answers = generate_greedy(params, config, tokenizer, prompts, max_new_tokens)
     return [EditRequest(p, a.strip()) for p, a in zip(prompts, answers, strict=True) if a.strip()]
+
+
+def preserve_texts(requests: Sequence[EditRequest]) -> list[str]:
+    """``"prompt target"`` per request: texts for ``edit(..., preserve=...)``."""
+    return [f"{r.prompt} {r.target_new}" for r in requests]
 
 
 def prefix_augmented(

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import experiments.edit
 from experiments.cli_options import DEFAULT_FACTS
 from experiments.run import main
+from locft_jax import load_model
 from locft_jax.evaluate.unrelated import load_facts
+from locft_jax.generate import generate_greedy
 
 ROOT = Path(__file__).parents[1]
 DATA = ROOT / "experiments" / "data" / "country_capitals.json"
@@ -61,18 +64,37 @@ def test_edit_cli_writes_config_log_metrics_and_export(tiny_llama_dir, tmp_path)
     assert (out / "hf" / "model.safetensors").exists()
 
 
-def test_edit_cli_takes_retain_prompts_and_null_space_texts(tiny_llama_dir, tmp_path):
+def test_edit_cli_takes_retain_prompts_and_null_space_texts(tiny_llama_dir, tmp_path, monkeypatch):
     preserve = tmp_path / "preserve.txt"
     preserve.write_text("The sky is blue.\n\nWater is wet.\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of Chile is\nThe capital of Peru is\n")
     retain = tmp_path / "retain.jsonl"
     retain.write_text('{"prompt": "The capital of Peru is", "target_new": "x"}\n')
     out = tmp_path / "run"
+    seen = {}
+
+    def run_edit_job(*args, **kwargs):
+        seen.update(kwargs)
+        return real_run_edit_job(*args, **kwargs)
+
+    real_run_edit_job = experiments.edit.run_edit_job
+    monkeypatch.setattr(experiments.edit, "run_edit_job", run_edit_job)
     code = main([
         "edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "4", "--layer", "2",
         "--epochs", "1", "--batch-size", "4", "--retain", str(retain), "--preserve", str(preserve),
+        "--preserve-prompts", str(prompts),
         "--set", "null_space_tol=1e-6", "--set", "retain_weight=0.5", "--out", str(out),
     ])
     assert code == 0
+    # the retain prompt with the model's own answer; the preserved passages, then each prompt and its answer
+    model = load_model(tiny_llama_dir)
+    answers = generate_greedy(model.params, model.config, model.tokenizer, ["The capital of Chile is",
+                                                                           "The capital of Peru is"], 16)
+    chile, peru = (a.strip() for a in answers)
+    assert seen["preserve"] == ["The sky is blue.", "Water is wet.",
+                                f"The capital of Chile is {chile}", f"The capital of Peru is {peru}"]
+    assert [r.target_new for r in seen["retain"]] == [peru]
     assert json.loads((out / "config.json").read_text())["edit_config"]["null_space_tol"] == 1e-6
     assert json.loads((out / "metrics.json").read_text())["post"]["teacher_forced/reliability"]["count"] == 4
 

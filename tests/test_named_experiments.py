@@ -15,13 +15,15 @@ from experiments.baselines.lora import LoraConfig, lora_edit
 from experiments.run import main
 from experiments.sweep import METRICS, synthetic_requests, with_synthetic
 from locft_jax import load_model
-from locft_jax.data import load_requests
+from locft_jax.augment import retain_requests
+from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate import score_targets
 from locft_jax.params import flatten
 
 ROOT = Path(__file__).parents[1]
-DATA = ROOT / "experiments" / "data" / "country_capitals.json"
+EXPERIMENT_DATA = ROOT / "experiments" / "data"
+DATA = EXPERIMENT_DATA / "country_capitals.json"
 # The top layer (-1) is edited unless a test says otherwise: the least to compile.
 # what every edited row must hold as a finite number (both scoring styles run by default)
 FINITE = [*METRICS.keys() - {"locality_tf", "locality_gen", "spill_gen"},
@@ -172,6 +174,14 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["plain", "+null-space", "+subject-null-space"]
     assert {r["neighbours"] for r in rows} == {5}
+    # +null-space keeps preserve.txt, the neighbours and the general-fact prompts, each prompt with the
+    # model's own answer (a prompt the model answers with nothing is dropped)
+    model = load_model(tiny_llama_dir)
+    neighbours = [r.prompt for r in load_requests(DATA).requests[3:8]]
+    prompts = neighbours + load_texts(EXPERIMENT_DATA / "preserve_facts.txt")
+    answered = len(retain_requests(model.params, model.config, model.tokenizer, prompts))
+    assert answered > 50
+    assert [r["preserved_texts"] for r in rows] == [0, len(load_texts(EXPERIMENT_DATA / "preserve.txt")) + answered, 0]
     for row in rows:
         for key in ("reliability", "generalization", "generalization, 2nd rephrase", "locality (= pre-edit answer)",
                     "became an edit's target", "TF locality", "perplexity", "general facts (= pre-edit answer)",

@@ -174,7 +174,7 @@ def smollm2_capitals():
     from pathlib import Path
 
     from convert.embedded import smollm2_gguf_path
-    from locft_jax.augment import retain_requests
+    from locft_jax.augment import preserve_texts, retain_requests
     from locft_jax.data import load_requests, load_texts
     from locft_jax.evaluate import snapshot
 
@@ -184,8 +184,7 @@ def smollm2_capitals():
     edits = records[:16]
     held_out = {p for r in edits for p in r.locality_prompts}
     neighbours = [r.prompt for r in records[16:] if r.prompt not in held_out][:50]
-    preserve = [f"{r.prompt} {r.target_new}" for r in
-                retain_requests(model.params, model.config, model.tokenizer, neighbours)]
+    preserve = preserve_texts(retain_requests(model.params, model.config, model.tokenizer, neighbours))
     preserve += load_texts(data / "preserve.txt")
     pre = snapshot(model.params, model.config, model.tokenizer, edits, ("teacher_forced",))
     return model, edits, preserve, pre

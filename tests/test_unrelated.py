@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
 from experiments.cli_options import DEFAULT_FACTS
 from locft_jax import load_model
+from locft_jax.data import load_texts
 from locft_jax.evaluate.edits import Probe, Snapshot, snapshot_settings
 from locft_jax.evaluate.generation_match import starts_with_answer
 from locft_jax.evaluate.metrics import Metric
@@ -20,6 +24,18 @@ def test_the_shipped_general_facts_load_and_are_distinct():
     assert len(facts) >= 80
     assert len({f.prompt for f in facts}) == len(facts)
     assert all(f.prompt and f.answer and not f.prompt.endswith(" ") for f in facts)
+
+
+def test_shipped_preserve_facts_leave_the_scored_facts_out():
+    """quality's +null-space keeps data/preserve_facts.txt: none of it may be a scored fact or name its answer."""
+    facts = load_facts(DEFAULT_FACTS)
+    prompts = load_texts(Path(DEFAULT_FACTS).parent / "preserve_facts.txt")
+    assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
+    assert not {f.prompt for f in facts} & set(prompts)
+    for fact in facts:
+        if len(fact.answer) >= 4:  # "O", "100", "Fe" would match by chance
+            named = [p for p in prompts if re.search(rf"\b{re.escape(fact.answer)}\b", p, re.IGNORECASE)]
+            assert not named, (fact, named)
 
 
 @pytest.mark.parametrize(
