@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from locft_jax.augment import preserve_texts
 from locft_jax.engine import checkpoint as ckpt
 from locft_jax.engine.config import EditConfig
 from locft_jax.engine.dataset import batches, epoch_order, prepare_dataset
@@ -203,7 +204,7 @@ def _projectors(
         return {}
     if preserve_subjects and config.null_space_scope != "subject":
         raise ValueError("preserve_subjects were given but null_space_scope is 'all'; set it to 'subject'")
-    texts = list(preserve) + [f"{r.prompt} {r.target_new}" for r in retain]
+    texts = list(preserve) + preserve_texts(retain)
     masks: list = [None] * len(texts)
     if config.null_space_scope == "subject":
         scoped, scoped_masks = subject_scoped_keys(model.tokenizer, requests, preserve_subjects)
