@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         config = EditConfig.from_dict(json.loads((run_dir / "config.json").read_text())["edit_config"])
     else:
         config = edit_config(model.config, args.preset, **edit_overrides(args))
+    if (args.preserve or preserve_prompts) and not config.null_space_tol:  # before answering the prompts
+        raise ValueError("--preserve/--preserve-prompts need the null space: add --set null_space_tol=1e-3")
     job = {"name": "edit", "model": args.model or "embedded:SmolLM2-135M-Instruct", "data": args.data,
            "edits": len(requests), "argv": vars(args)}
     retain = []

@@ -124,6 +124,8 @@ def test_edit_cli_takes_neighbour_subjects_for_the_subject_scoped_null_space(tin
         (["--module", "mlp", "--layer", "9"], "layer 9 out of range; valid: 0..3"),
         (["--set", "nonsense=1"], "--set nonsense: unknown field"),
         (["--set", "pipeline='zz'"], "EditConfig.pipeline='zz'; valid: bf, df"),
+        (["--preserve-prompts", str(ROOT / "experiments" / "data" / "preserve_facts.txt")],
+         "--preserve/--preserve-prompts need the null space: add --set null_space_tol=1e-3"),
     ],
 )
 def test_edit_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path, capsys, extra, message):
