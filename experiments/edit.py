@@ -43,27 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    facts = load_job_facts(args)  # a bad file fails before any work
+    # every input file is read first: a bad one fails before any work or output
+    facts = load_job_facts(args)
+    requests = load_job_requests(args)
+    retain_prompts = [r.prompt for r in load_requests(args.retain).requests] if args.retain else []
+    preserve = load_texts(args.preserve) if args.preserve else []
     preserve_prompts = load_texts(args.preserve_prompts) if args.preserve_prompts else []
+    subjects = load_requests(args.preserve_subjects).requests if args.preserve_subjects else []
     run_dir = new_run_dir(args.out, "edit", args.resume)
     model = load_job_model(args.model, args.dtype)
-    requests = load_job_requests(args)
     if args.resume:  # the saved config wins, so the resumed run is the same run
         config = EditConfig.from_dict(json.loads((run_dir / "config.json").read_text())["edit_config"])
     else:
         config = edit_config(model.config, args.preset, **edit_overrides(args))
-    if (args.preserve or preserve_prompts) and not config.null_space_tol:  # before answering the prompts
+    if (preserve or preserve_prompts) and not config.null_space_tol:  # before answering the prompts
         raise ValueError("--preserve/--preserve-prompts need the null space: add --set null_space_tol=1e-3")
     job = {"name": "edit", "model": args.model or "embedded:SmolLM2-135M-Instruct", "data": args.data,
            "edits": len(requests), "argv": vars(args)}
-    retain = []
-    if args.retain:
-        prompts = [r.prompt for r in load_requests(args.retain).requests]
-        retain = retain_requests(model.params, model.config, model.tokenizer, prompts)
-    preserve = load_texts(args.preserve) if args.preserve else []
+    retain = retain_requests(model.params, model.config, model.tokenizer, retain_prompts) if retain_prompts else []
     if preserve_prompts:
         preserve += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, preserve_prompts))
-    subjects = load_requests(args.preserve_subjects).requests if args.preserve_subjects else []
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
                        retain=retain, preserve=preserve, preserve_subjects=subjects,
                        facts=facts)

@@ -142,6 +142,7 @@ def test_edit_cli_names_the_bad_record(tiny_llama_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "record 1" in err and "target_new" in err
+    assert not (tmp_path / "r").exists()  # read before the run directory is made
 
 
 def test_unknown_experiment_lists_the_choices(capsys):
