@@ -20,7 +20,10 @@ data set's held-out locality prompts (never edited, never retained: the same rel
 subjects) and on general facts (``--general-facts``; ``locft_jax.evaluate.unrelated``). For MLP
 edits, "update action" columns say where the weight change acts: the mean over prompts of its
 largest per-token ``‖ΔW k‖ / ‖W₀ k‖`` (``locft_jax.evaluate.update_action.action_metrics``), on
-the edit prompts and on the locality prompts.
+the edit prompts and on the locality prompts. "known neighbours kept" counts distinct prompts (the
+pooled "known facts still right" weights each by how many records ask it). Each variant's metrics
+and every prompt's pre/post answers go to ``<relation>-<variant>/`` in the run directory
+(``metrics.json``, ``metrics.md``, ``per_request.jsonl``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from experiments.presets import edit_config
 from locft_jax.augment import paraphrase_augmented, prefix_augmented, preserve_texts, retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
-from locft_jax.evaluate import evaluate_requests, snapshot
+from locft_jax.evaluate import evaluate_requests, snapshot, write_report
 from locft_jax.evaluate.capability import perplexity
 from locft_jax.evaluate.unrelated import fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
@@ -124,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             if pre_facts is not None:
                 ev.add_metrics(unrelated_metrics(pre_facts, fact_snapshot(result.params, model.config,
                                                                           model.tokenizer, facts)))
+            write_report(ev, run_dir / f"{relation}-{variant.lstrip('+')}")
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
                    "neighbours": len(neighbours), "preserved_texts": len(preserve),
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                    "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1}
             row.update({name: ev.post[key].value for key, name in COLUMNS.items() if key in ev.post})
             row.update(rephrase_generalization(ev.per_request, trained_on=variant in PARAPHRASE_VARIANTS))
+            row.update(distinct_known_neighbours(ev.per_request))
             actions = action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests)
             row.update({name: actions[key].value for key, name in ACTION_COLUMNS.items() if key in actions})
             rows.append(row)
@@ -157,6 +162,13 @@ def rephrase_generalization(per_request: list[dict], trained_on: bool) -> dict[s
     return out
 
 
+def distinct_known_neighbours(per_request: list[dict]) -> dict[str, int]:
+    """Of the distinct locality prompts the unedited model answered right, how many still are."""
+    kept = {p["prompt"]: p["generation_retained"] for row in per_request for p in row["probes"]
+            if "generation_retained" in p}
+    return {"known neighbours": len(kept), "known neighbours kept": int(sum(kept.values()))}
+
+
 def training_rows(variant, requests, retain, seed):
     """(edit rows, retain rows) of a variant."""
     train = list(requests)
@@ -171,7 +183,7 @@ def training_rows(variant, requests, retain, seed):
 def table(rows: list[dict], base_ppl: float) -> str:
     others = [name for key, name in COLUMNS.items() if key != "generation/reliability"]
     names = ["relation", "variant", COLUMNS["generation/reliability"], *REPHRASE_COLUMNS, *others,
-             *ACTION_COLUMNS.values(), "perplexity_change", "seconds"]
+             "known neighbours kept", *ACTION_COLUMNS.values(), "perplexity_change", "seconds"]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows:
         cells = []
@@ -179,6 +191,8 @@ def table(rows: list[dict], base_ppl: float) -> str:
             value = row.get(name)
             if name == "seconds" and value is not None:
                 cells.append(f"{value:.0f}")
+            elif name == "known neighbours kept":
+                cells.append(f"{value} of {row['known neighbours']}")
             elif name in ACTION_COLUMNS.values() and value is not None:
                 cells.append(f"{value:.2f}")
             elif isinstance(value, float):

@@ -189,6 +189,12 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
             assert math.isfinite(row[key]), key
         assert "known facts still right" in row  # None here: the random model knows no capital
         assert row["update action, edit prompts"] > 0 and math.isfinite(row["update action, locality prompts"])
+        assert row["known neighbours kept"] == row["known neighbours"] == 0
+        # every prompt's pre/post answers, per variant
+        details = [json.loads(line) for line in (out / f"capital-{row['variant'].lstrip('+')}" / "per_request.jsonl")
+                   .read_text().splitlines()]
+        assert [d["probes"][0]["prompt"] for d in details] == [r.prompt for r in load_requests(DATA).requests[:3]]
+        assert all("pre_answer" in p and "post_answer" in p for d in details for p in d["probes"])
     assert "| capital | +null-space |" in (out / "report.md").read_text()
     assert (out / "quality.png").read_bytes().startswith(PNG_SIGNATURE)
 
@@ -204,3 +210,16 @@ def test_quality_splits_generalization_by_rephrase_and_leaves_out_a_trained_one(
     assert rephrase_generalization(rows, trained_on=False) == {
         "generalization": pytest.approx(2 / 3), "generalization, 2nd rephrase": 0.5}
     assert rephrase_generalization(rows, trained_on=True)["generalization, 2nd rephrase"] is None
+
+
+def test_quality_counts_each_known_neighbour_once():
+    from experiments.quality import distinct_known_neighbours
+
+    def probe(prompt, retained=None):
+        out = {"kind": "locality", "prompt": prompt, "generation": 1.0}
+        return out if retained is None else {**out, "generation_retained": retained}
+
+    rows = [{"probes": [probe("The capital of Russia is", 0.0), probe("The capital of Peru is", 1.0)]},
+            {"probes": [probe("The capital of Russia is", 0.0), probe("The capital of Chad is")]},
+            {"probes": [probe("The capital of Peru is", 1.0), probe("The capital of Kenya is", 1.0)]}]
+    assert distinct_known_neighbours(rows) == {"known neighbours": 3, "known neighbours kept": 2}
