@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_reload_check:
         confirm_with_transformers(out.hf_dir, shown[0], after[0])
-    print(f"\nEverything is in {run_dir}/: report.md, metrics.json, metrics.md, per_request.jsonl, "
+    facts_file = "general_facts.jsonl, " if facts else ""
+    print(f"\nEverything is in {run_dir}/: report.md, metrics.json, metrics.md, per_request.jsonl, {facts_file}"
           f"log.jsonl, config.json, hf/ (a transformers checkpoint). Total {time.perf_counter() - t0:.0f} s.")
     return 0
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from locft_jax import Model, load_model
 from locft_jax.data import load_requests
 from locft_jax.engine import EditConfig, EditResult, edit
-from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, snapshot, write_report
-from locft_jax.evaluate.unrelated import Fact, fact_snapshot, unrelated_metrics
+from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, snapshot, write_jsonl, write_report
+from locft_jax.evaluate.unrelated import Fact, fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
 from locft_jax.requests import EditRequest
 
@@ -74,7 +74,8 @@ def run_edit_job(
 
     ``retain`` / ``preserve`` / ``preserve_subjects``: passed to ``edit`` (retain rows; null-space
     texts; neighbours whose subjects the subject-scoped null space keeps). ``facts``: general facts
-    scored before and after (``unrelated/*`` metrics; ``locft_jax.evaluate.unrelated``).
+    scored before and after (``unrelated/*`` metrics; ``locft_jax.evaluate.unrelated``; each fact's
+    answers in ``general_facts.jsonl``).
     """
     (run_dir / "config.json").write_text(json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
@@ -88,6 +89,7 @@ def run_edit_job(
     if pre_facts is not None:
         post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts)
         evaluation.add_metrics(unrelated_metrics(pre_facts, post_facts), unrelated_metrics(pre_facts, pre_facts))
+        write_jsonl(run_dir / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
     write_report(evaluation, run_dir)
     (run_dir / "report.md").write_text(report_markdown(job, config, result, evaluation))
     hf_dir = None

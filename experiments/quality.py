@@ -23,7 +23,8 @@ largest per-token ``‖ΔW k‖ / ‖W₀ k‖`` (``locft_jax.evaluate.update_ac
 the edit prompts and on the locality prompts. "known neighbours kept" counts distinct prompts (the
 pooled "known facts still right" weights each by how many records ask it). Each variant's metrics
 and every prompt's pre/post answers go to ``<relation>-<variant>/`` in the run directory
-(``metrics.json``, ``metrics.md``, ``per_request.jsonl``).
+(``metrics.json``, ``metrics.md``, ``per_request.jsonl``, and each general fact's answers in
+``general_facts.jsonl``).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from experiments.presets import edit_config
 from locft_jax.augment import paraphrase_augmented, prefix_augmented, preserve_texts, retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import edit
-from locft_jax.evaluate import evaluate_requests, snapshot, write_report
+from locft_jax.evaluate import evaluate_requests, snapshot, write_jsonl, write_report
 from locft_jax.evaluate.capability import perplexity
-from locft_jax.evaluate.unrelated import fact_snapshot, unrelated_metrics
+from locft_jax.evaluate.unrelated import fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
 
 DATA = Path(__file__).parent / "data"
@@ -124,10 +125,13 @@ def run(args: argparse.Namespace) -> int:
                           progress=True)
             ev = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre,
                                    styles=("teacher_forced", "generation"))
-            if pre_facts is not None:
-                ev.add_metrics(unrelated_metrics(pre_facts, fact_snapshot(result.params, model.config,
-                                                                          model.tokenizer, facts)))
-            write_report(ev, run_dir / f"{relation}-{variant.lstrip('+')}")
+            details = run_dir / f"{relation}-{variant.lstrip('+')}"
+            post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts) if facts else None
+            if post_facts is not None:
+                ev.add_metrics(unrelated_metrics(pre_facts, post_facts))
+            write_report(ev, details)
+            if post_facts is not None:
+                write_jsonl(details / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
                    "neighbours": len(neighbours), "preserved_texts": len(preserve),

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import experiments.edit
 from experiments.cli_options import DEFAULT_FACTS
 from experiments.run import main
 from locft_jax import load_model
+from locft_jax.evaluate import exact_match
 from locft_jax.evaluate.unrelated import load_facts
 from locft_jax.generate import generate_greedy
 
@@ -61,6 +63,11 @@ def test_edit_cli_writes_config_log_metrics_and_export(tiny_llama_dir, tmp_path)
     n_facts = len(load_facts(DEFAULT_FACTS))  # the shipped general facts, scored by default
     assert metrics["post"]["unrelated/generation"]["count"] == n_facts
     assert metrics["pre"]["unrelated/generation"]["value"] == metrics["pre"]["unrelated/teacher_forced"]["value"] == 1
+    # each fact's answers before and after, agreeing with the metric
+    answers = [json.loads(line) for line in (out / "general_facts.jsonl").read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == [f.prompt for f in load_facts(DEFAULT_FACTS)]
+    same = np.mean([exact_match(a["post_answer"], a["pre_answer"]) for a in answers])
+    assert same == pytest.approx(metrics["post"]["unrelated/generation"]["value"])
     assert (out / "hf" / "model.safetensors").exists()
 
 

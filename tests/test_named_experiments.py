@@ -18,7 +18,7 @@ from locft_jax import load_model
 from locft_jax.augment import retain_requests
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import EditConfig
-from locft_jax.evaluate import score_targets
+from locft_jax.evaluate import load_facts, score_targets
 from locft_jax.params import flatten
 
 ROOT = Path(__file__).parents[1]
@@ -195,6 +195,9 @@ def test_quality_compares_variants_in_a_table_and_a_plot(tiny_llama_dir, tmp_pat
                    .read_text().splitlines()]
         assert [d["probes"][0]["prompt"] for d in details] == [r.prompt for r in load_requests(DATA).requests[:3]]
         assert all("pre_answer" in p and "post_answer" in p for d in details for p in d["probes"])
+        facts = (out / f"capital-{row['variant'].lstrip('+')}" / "general_facts.jsonl").read_text().splitlines()
+        assert len(facts) == len(load_facts(EXPERIMENT_DATA / "general_facts.json"))
+        assert {"pre_answer", "post_answer", "right_before", "right_after"} <= set(json.loads(facts[0]))
     assert "| capital | +null-space |" in (out / "report.md").read_text()
     assert (out / "quality.png").read_bytes().startswith(PNG_SIGNATURE)
 

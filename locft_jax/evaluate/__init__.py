@@ -15,9 +15,9 @@ from locft_jax.evaluate.edits import (
 from locft_jax.evaluate.fluency import n_gram_entropy
 from locft_jax.evaluate.generation_match import exact_match, normalize_answer
 from locft_jax.evaluate.metrics import Metric
-from locft_jax.evaluate.report import markdown_table, write_report
+from locft_jax.evaluate.report import markdown_table, write_jsonl, write_report
 from locft_jax.evaluate.teacher_forced import score_targets, token_accuracy
-from locft_jax.evaluate.unrelated import Fact, fact_snapshot, load_facts, unrelated_metrics
+from locft_jax.evaluate.unrelated import Fact, fact_answers, fact_snapshot, load_facts, unrelated_metrics
 from locft_jax.evaluate.update_action import TokenAction, update_action
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "evaluate_capability",
     "evaluate_requests",
     "exact_match",
+    "fact_answers",
     "fact_snapshot",
     "load_facts",
     "markdown_table",
@@ -42,5 +43,6 @@ __all__ = [
     "token_accuracy",
     "unrelated_metrics",
     "update_action",
+    "write_jsonl",
     "write_report",
 ]

@@ -42,6 +42,13 @@ def markdown_table(result: EvalResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """One JSON object per line (UTF-8, not escaped)."""
+    with Path(path).open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def write_report(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     """Write the three files into ``out_dir`` (created); returns their paths by kind."""
     out = Path(out_dir)
@@ -50,7 +57,5 @@ def write_report(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     paths = {kind: out / name for kind, name in names.items()}
     paths["metrics"].write_text(json.dumps(metrics_json(result), indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(result))
-    with paths["per_request"].open("w") as f:
-        for row in result.per_request:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(paths["per_request"], result.per_request)
     return paths

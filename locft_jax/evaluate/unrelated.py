@@ -13,6 +13,8 @@ answer. Three numbers, post-edit against the pre-edit model's snapshot of the sa
   (EasyEdit's locality);
 * ``unrelated/still_right``: of the facts whose pre-edit answer began with the true answer, the
   share whose post-edit answer still does.
+
+``fact_answers`` lists every fact's answers before and after, to see which ones moved.
 """
 
 from __future__ import annotations
@@ -76,3 +78,14 @@ def unrelated_metrics(pre: Snapshot, post: Snapshot) -> dict[str, Metric]:
         "unrelated/teacher_forced": pooled([s["teacher_forced"] for s in scores]),
         "unrelated/still_right": pooled([float(starts_with_answer(post.answers[i], answers[i])) for i in known]),
     }
+
+
+def fact_answers(pre: Snapshot, post: Snapshot) -> list[dict[str, Any]]:
+    """Per fact: prompt, true answer, the pre- and post-edit greedy answers, and whether each begins
+    with the true answer."""
+    return [
+        {"prompt": probe.prompt, "answer": probe.answer, "pre_answer": pre.answers[i], "post_answer": post.answers[i],
+         "right_before": starts_with_answer(pre.answers[i], probe.answer),
+         "right_after": starts_with_answer(post.answers[i], probe.answer)}
+        for i, probe in enumerate(post.probes)
+    ]
