@@ -126,12 +126,12 @@ def run(args: argparse.Namespace) -> int:
             ev = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre,
                                    styles=("teacher_forced", "generation"))
             details = run_dir / f"{relation}-{variant.lstrip('+')}"
-            post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts) if facts else None
-            if post_facts is not None:
+            details.mkdir(exist_ok=True)
+            if pre_facts is not None:
+                post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts)
                 ev.add_metrics(unrelated_metrics(pre_facts, post_facts))
-            write_report(ev, details)
-            if post_facts is not None:
                 write_jsonl(details / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
+            write_report(ev, details)
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
                    "neighbours": len(neighbours), "preserved_texts": len(preserve),
