@@ -258,7 +258,7 @@ def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2
 @pytest.mark.slow
 def test_null_space_with_fact_prompts_meets_issue_3_on_unrelated_facts(smollm2_capitals):
     """Issue 3's bar on the real model with quality's +null-space recipe (50 edits, 141 neighbours, 80
-    epochs): ≥ 95% greedy reliability, and ≥ 90% of the known general facts still right and ≥ 90%
+    epochs at batch 16, lr 1.5e-3): ≥ 95% greedy reliability, and ≥ 90% of the known general facts still right and ≥ 90%
     teacher-forced agreement on them (EasyEdit's locality) — none of them preserved."""
     from pathlib import Path
 
@@ -279,12 +279,13 @@ def test_null_space_with_fact_prompts_meets_issue_3_on_unrelated_facts(smollm2_c
         preserve += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, prompts))
     facts = load_facts(DEFAULT_FACTS)
     pre = fact_snapshot(model.params, model.config, model.tokenizer, facts)
-    config = edit_config(model.config, epochs=80, null_space_tol=1e-3)
+    config = edit_config(model.config, epochs=80, batch_size=16, lr=1.5e-3, null_space_tol=1e-3)
     result = edit(model, edits, config, preserve=preserve, mesh=ONE_DEVICE)
     answers = generate_greedy(result.params, model.config, model.tokenizer, [r.prompt for r in edits])
     reliability = sum(exact_match(a, r.target_new) for a, r in zip(answers, edits, strict=True)) / len(edits)
     unrelated = unrelated_metrics(pre, fact_snapshot(result.params, model.config, model.tokenizer, facts))
     scores = {"reliability": reliability, **{k: m.value for k, m in unrelated.items()}}
-    # measured 2026-11-30 (quality, same recipe): reliability 100%, still right 93.2% (41 of 44), TF 91.7%
+    # measured 2026-11-30 (quality, same recipe, seeds 0-2): reliability 100%, still right 93.2-95.5%,
+    # TF 91.0-92.9%
     assert reliability >= 0.95, scores
     assert scores["unrelated/still_right"] >= 0.9 and scores["unrelated/teacher_forced"] >= 0.9, scores
