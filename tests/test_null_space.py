@@ -258,8 +258,9 @@ def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2
 @pytest.mark.slow
 def test_null_space_with_fact_prompts_meets_issue_3_on_unrelated_facts(smollm2_capitals):
     """Issue 3's bar on the real model with quality's +null-space recipe (50 edits, 141 neighbours, 80
-    epochs at batch 16, lr 1.5e-3): ≥ 95% greedy reliability, and ≥ 90% of the known general facts still right and ≥ 90%
-    teacher-forced agreement on them (EasyEdit's locality) — none of them preserved."""
+    epochs at batch 16, lr 1.5e-3): ≥ 95% greedy reliability, and ≥ 90% of the known general facts
+    still right and ≥ 90% teacher-forced agreement on them (EasyEdit's locality) — none of them
+    preserved."""
     from pathlib import Path
 
     from experiments.cli_options import DEFAULT_FACTS
