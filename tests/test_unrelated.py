@@ -15,7 +15,7 @@ from locft_jax.data import load_texts
 from locft_jax.evaluate.edits import Probe, Snapshot, snapshot_settings
 from locft_jax.evaluate.generation_match import starts_with_answer
 from locft_jax.evaluate.metrics import Metric
-from locft_jax.evaluate.unrelated import fact_snapshot, load_facts, unrelated_metrics
+from locft_jax.evaluate.unrelated import fact_answers, fact_snapshot, load_facts, unrelated_metrics
 from locft_jax.generate import generate_greedy
 
 
@@ -91,8 +91,11 @@ def test_unrelated_metrics_on_hand_made_snapshots():
     assert got["unrelated/still_right"].value == pytest.approx(2 / 3) and got["unrelated/still_right"].count == 3
     own = unrelated_metrics(pre, pre)
     assert {k: m.value for k, m in own.items()} == {k: 1.0 for k in own}
+    fewer = _snapshot(post.answers[:3], post.predicted[:3], facts[:3])
     with pytest.raises(ValueError, match="differ"):
-        unrelated_metrics(pre, _snapshot(post.answers[:3], post.predicted[:3], facts[:3]))
+        unrelated_metrics(pre, fewer)
+    with pytest.raises(ValueError, match="differ"):
+        fact_answers(pre, fewer)
 
 
 def test_fact_locality_of_a_changed_model_matches_its_greedy_answers(tiny_llama_dir):

@@ -67,8 +67,7 @@ def fact_snapshot(params: Params, config: ModelConfig, tokenizer: Any, facts: Se
 
 def unrelated_metrics(pre: Snapshot, post: Snapshot) -> dict[str, Metric]:
     """``unrelated/{generation,teacher_forced,still_right}`` of ``post`` against ``pre`` (module doc)."""
-    if pre.probes != post.probes or pre.settings != post.settings:
-        raise ValueError("pre- and post-edit fact snapshots differ in facts or settings")
+    _check_same_facts(pre, post)
     # the pre/post agreement of each probe, by the rules of the edit sets' own locality probes
     scores = [probe_scores(post, pre, i) for i in range(len(post.probes))]
     answers = [p.answer for p in post.probes]
@@ -83,9 +82,15 @@ def unrelated_metrics(pre: Snapshot, post: Snapshot) -> dict[str, Metric]:
 def fact_answers(pre: Snapshot, post: Snapshot) -> list[dict[str, Any]]:
     """Per fact: prompt, true answer, the pre- and post-edit greedy answers, and whether each begins
     with the true answer."""
+    _check_same_facts(pre, post)
     return [
         {"prompt": probe.prompt, "answer": probe.answer, "pre_answer": pre.answers[i], "post_answer": post.answers[i],
          "right_before": starts_with_answer(pre.answers[i], probe.answer),
          "right_after": starts_with_answer(post.answers[i], probe.answer)}
         for i, probe in enumerate(post.probes)
     ]
+
+
+def _check_same_facts(pre: Snapshot, post: Snapshot) -> None:
+    if pre.probes != post.probes or pre.settings != post.settings:
+        raise ValueError("pre- and post-edit fact snapshots differ in facts or settings")
