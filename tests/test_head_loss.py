@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from locft_jax.engine import EditConfig, edit
-from locft_jax.engine.head_loss import chunked_target_logprobs
+from locft_jax.engine.head_loss import chunked_logprobs
 from tests.test_engine import FAST, ONE_DEVICE, REQUESTS, tiny  # noqa: F401  (tiny: fixture)
 
 
@@ -30,8 +30,8 @@ def test_chunked_head_equals_full_log_softmax_and_its_gradient(chunk):
         return jax.value_and_grad(lambda h: (fn(h) * weights).sum())(h)
 
     want_value, want_grad = loss(lambda h: _plain(h, w, targets))
-    value, grad = jax.jit(lambda: loss(lambda h: chunked_target_logprobs(h, w, targets, chunk)))()
-    np.testing.assert_allclose(chunked_target_logprobs(h, w, targets, chunk), _plain(h, w, targets), rtol=1e-5)
+    value, grad = jax.jit(lambda: loss(lambda h: chunked_logprobs(h, w, w[targets], chunk)))()
+    np.testing.assert_allclose(chunked_logprobs(h, w, w[targets], chunk), _plain(h, w, targets), rtol=1e-5)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
 

@@ -11,6 +11,7 @@ SCHEDULES = ("constant", "cosine")
 ON_BAD_RECORD = ("error", "skip")
 NULL_SPACE_MODES = ("hard", "soft")
 NULL_SPACE_SCOPES = ("all", "subject")
+RETAIN_LOSSES = ("ce", "kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class EditConfig:
     ``packing``: lay a batch's requests end to end in a few rows instead of one padded row each
     (breadth-first only; the same loss, less padding; see ``packing``).
     ``retain_weight``: loss weight of the retain rows passed to ``edit(..., retain=...)``.
+    ``retain_loss``: ``ce`` (cross-entropy towards the unedited model's greedy answer) or ``kl``
+    (KL divergence from its whole next-token distribution at each answer position; ``retain_kl``).
     ``early_stop_reliability``: every ``check_every`` epochs, greedy-decode a fixed sample of up to
     64 edit prompts and stop once this share answers the new target exactly (0 = off).
     ``null_space_tol``: project every update onto the null space of the edited tensors' inputs on
@@ -63,6 +66,7 @@ class EditConfig:
     on_bad_record: str = "error"
     model_parallel: int = 1
     retain_weight: float = 1.0
+    retain_loss: str = "ce"
     early_stop_reliability: float = 0.0
     check_every: int = 5
     null_space_tol: float = 0.0
@@ -78,6 +82,7 @@ class EditConfig:
             ("on_bad_record", ON_BAD_RECORD),
             ("null_space_mode", NULL_SPACE_MODES),
             ("null_space_scope", NULL_SPACE_SCOPES),
+            ("retain_loss", RETAIN_LOSSES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EditConfig.{name}={getattr(self, name)!r}; valid: {', '.join(allowed)}")

@@ -31,6 +31,7 @@ class EditDataset:
     seq_len: np.ndarray  # [N]: tokens that run (prompt + target, less what no loss term reads)
     tgt_len: np.ndarray  # [N]
     weight: np.ndarray  # [N] float32: 1 for edits, ``retain_weight`` for retain rows
+    loss_offset: np.ndarray  # [N] float32: added to a row's loss (0; KL retain rows: see ``retain_kl``)
     kept: list[int]  # edits first, then retain rows (indices into their own lists)
     skipped: list[tuple[int, str]]
     n_edits: int  # rows 0..n_edits-1 are edits, the rest retain rows
@@ -134,7 +135,8 @@ def _pack(
     t_all = bucket(int(seq_len.max()), DEFAULT_BUCKETS)
     mask = mask[:, :t_all] & (np.arange(t_all)[None, :] < seq_len[:, None])
     ids = np.where(mask, ids[:, :t_all], 0).astype(np.int32)
-    return EditDataset(ids, mask, tpos, tids, tmask, seq_len, tgt_len, weight, kept, skipped, n_edits)
+    offset = np.zeros(len(pairs), np.float32)
+    return EditDataset(ids, mask, tpos, tids, tmask, seq_len, tgt_len, weight, offset, kept, skipped, n_edits)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

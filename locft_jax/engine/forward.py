@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from locft_jax import model as M
 from locft_jax.config import ModelConfig
-from locft_jax.engine.head_loss import chunked_target_logprobs
+from locft_jax.engine.head_loss import chunked_logprobs
 from locft_jax.engine.locations import CachePoint, Location
 from locft_jax.params import Params, name_path
 
@@ -83,23 +83,37 @@ def suffix_hidden(
     return M.run_layers_at(params, h, ctx, config, at, start=layer + 1)
 
 
+def target_vectors(w: jax.Array, target_ids: jax.Array, soft: jax.Array | None = None) -> jax.Array:
+    """Each target's output vector (float32): head row ``w[t]`` for a token id ``t < V``; for
+    ``t = V + s``, row ``s`` of ``soft``, a soft target ``Σ_v r_v w_v`` (``retain_kl``)."""
+    vocab = w.shape[0]
+    hard = jnp.take(w, jnp.minimum(target_ids, vocab - 1), axis=0).astype(jnp.float32)
+    if soft is None:
+        return hard
+    rows = jnp.take(soft, jnp.clip(target_ids - vocab, 0, soft.shape[0] - 1), axis=0).astype(jnp.float32)
+    return jnp.where((target_ids >= vocab)[..., None], rows, hard)
+
+
 def target_logprobs(
-    params: Params, config: ModelConfig, picked: jax.Array, target_ids, head_chunk: int = 0
+    params: Params, config: ModelConfig, picked: jax.Array, target_ids, head_chunk: int = 0, soft=None
 ) -> jax.Array:
     """log p(target_ids[b, u]) from the hidden states ``picked`` at the predicting positions.
 
     The final norm and LM head run only there (the head is a large share of a small model's work).
     ``head_chunk > 0``: the head runs over the vocabulary in chunks of that many rows with its
-    gradient formed on the way (``head_loss``); 0: plain logits and log-softmax.
+    gradient formed on the way (``head_loss``); 0: plain logits and logsumexp. A soft target
+    (``target_vectors``; id ``V + s`` with ``soft`` [S, D]) gives ``Σ_v r_v log p_v`` instead.
     """
     normed = M.final_norm(params, picked, config)
+    w = M.lm_head_weight(params, config)
+    vectors = target_vectors(w, target_ids, soft)
     if head_chunk:
-        flat = chunked_target_logprobs(normed.reshape(-1, normed.shape[-1]), M.lm_head_weight(params, config),
-                                       target_ids.reshape(-1), head_chunk)
+        dim = normed.shape[-1]
+        flat = chunked_logprobs(normed.reshape(-1, dim), w, vectors.reshape(-1, dim), head_chunk)
         return flat.reshape(target_ids.shape)
     logits = M.lm_head(params, normed, config)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, target_ids[..., None], axis=-1)[..., 0]
+    target_logit = jnp.einsum("...d,...d->...", normed, vectors, preferred_element_type=jnp.float32)
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
 def per_sample_loss(logp: jax.Array, target_mask: jax.Array) -> jax.Array:

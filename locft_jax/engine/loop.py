@@ -25,6 +25,7 @@ from locft_jax.engine.null_space import input_covariances, projectors_for, subje
 from locft_jax.engine.optimizer import freeze_labels, make_optimizer
 from locft_jax.engine.packing import PackPlan, plan_shapes
 from locft_jax.engine.prefix_cache import BatchFeeder, build_store, slots_per_batch
+from locft_jax.engine.retain_kl import with_soft_targets
 from locft_jax.engine.step import StepSpec, make_train_step
 from locft_jax.loading import Model
 from locft_jax.params import Params, flatten
@@ -76,7 +77,9 @@ def edit(
     """Train the chosen module of ``model`` on ``requests``; the model itself is not modified.
 
     ``retain``: prompts with the pre-edit model's own answers (see ``locft_jax.augment``), mixed
-    into the shuffled batches with loss weight ``config.retain_weight`` to keep unrelated facts.
+    into the shuffled batches with loss weight ``config.retain_weight`` to keep unrelated facts
+    (``config.retain_loss``: cross-entropy towards those answers, or KL from the pre-edit
+    distributions along them; ``retain_kl``).
     ``preserve``: texts whose inputs to the edited tensors the update must not act on, with
     ``config.null_space_tol > 0`` (see ``null_space``); the retain rows' texts are added to them.
     ``preserve_subjects``: requests whose subject tokens the update must not act on, with
@@ -97,6 +100,10 @@ def edit(
     # before the prefix cache: a bad null-space setting fails fast, not after the long part
     projectors = _projectors(model, params, location, names, config, requests, retain, preserve, preserve_subjects,
                              mesh)
+    soft = None
+    if retain and config.retain_loss == "kl":
+        ds, soft = with_soft_targets(params, model.config, ds)
+        soft = jax.device_put(soft, replicated(mesh))
     point = location.cache_point() if config.prefix_cache else None
     store = build_store(params, model.config, location, point, ds, mesh, config.prefix_cache_device_bytes)
 
@@ -117,7 +124,8 @@ def edit(
     opt_state = jax.device_put(init_opt_state(tx, params, trainable), opt_shardings)
     compiles_before = step._cache_size()
     pack = pack_plan_for(ds, config, mesh)
-    runner = _Runner(step, params, base, projectors, BatchFeeder(store, ds, rows_per_batch, mesh, pack), opt_shardings)
+    feeder = BatchFeeder(store, ds, rows_per_batch, mesh, pack)
+    runner = _Runner(step, params, base, projectors, soft, feeder, opt_shardings)
 
     identity = ckpt.fingerprint(
         config.to_dict(), ds.ids, ds.target_ids, [*preserve, *((r.prompt, r.subject) for r in preserve_subjects)]
@@ -226,13 +234,14 @@ def pack_plan_for(ds, config: EditConfig, mesh: Mesh) -> PackPlan | None:
 class _Runner:
     """Feeds a batch's rows to the jitted step."""
 
-    def __init__(self, step, params, base, projectors, feeder: BatchFeeder, opt_shardings):
+    def __init__(self, step, params, base, projectors, soft, feeder: BatchFeeder, opt_shardings):
         self.step, self.params, self.base, self.projectors, self.feed = step, params, base, projectors, feeder
+        self.soft = soft
         self.ds, self.opt_shardings = feeder.ds, opt_shardings
 
     def __call__(self, trainable, opt_state, rows: np.ndarray):
         arrays, feed, seq_len, tgt_len = self.feed(rows)
-        return self.step(trainable, opt_state, self.params, self.base, self.projectors, arrays, feed,
+        return self.step(trainable, opt_state, self.params, self.base, self.projectors, self.soft, arrays, feed,
                          seq_len=seq_len, tgt_len=tgt_len)
 
 

@@ -65,6 +65,7 @@ def build_store(
         "target_ids": ds.target_ids,
         "target_mask": ds.target_mask,
         "weight": ds.weight,
+        "loss_offset": ds.loss_offset,
     }
     cache_bytes = 0
     if point is None:

@@ -48,10 +48,14 @@ class StepSpec:
     project_gradients: bool = False
 
 
-def batch_loss(trainable: Trainable, params: Params, spec: StepSpec, batch: dict[str, jax.Array]) -> jax.Array:
+def batch_loss(
+    trainable: Trainable, params: Params, spec: StepSpec, batch: dict[str, jax.Array], soft: jax.Array | None = None
+) -> jax.Array:
     """The reference loss: masked target-token CE, mean per sample, then mean over real rows.
 
     Rows carry a weight: 1 for edits (the reference loss exactly), ``retain_weight`` for retain rows.
+    KL retain rows (``retain_kl``) have soft targets (rows of ``soft``) and a ``loss_offset`` that
+    turns their cross-entropy into the KL divergence.
     """
     merged = merge(params, {k: v.astype(get_leaf(params, k).dtype) for k, v in trainable.items()})
     inputs = {k: batch[k] for k in TOKEN_INPUTS if k in batch}
@@ -59,12 +63,12 @@ def batch_loss(trainable: Trainable, params: Params, spec: StepSpec, batch: dict
     picked = suffix_hidden(merged, spec.config, spec.location, spec.point, inputs, batch["mask"],
                            batch["target_at"] if packed else batch["target_pos"],
                            batch.get("positions"), batch.get("segments"))
-    logp = target_logprobs(merged, spec.config, picked, batch["target_ids"], spec.head_chunk)
+    logp = target_logprobs(merged, spec.config, picked, batch["target_ids"], spec.head_chunk, soft)
     if packed:
         per_sample = per_slot_loss(logp, batch["target_slot"], batch["valid"].shape[0])
     else:
         per_sample = per_sample_loss(logp, batch["target_mask"])
-    return batch_mean(per_sample * batch["weight"], batch["valid"])
+    return batch_mean((per_sample + batch["loss_offset"]) * batch["weight"], batch["valid"])
 
 
 def gather_batch(store: dict[str, jax.Array], feed: dict[str, jax.Array], seq_len: int, tgt_len: int, mesh: Mesh):
@@ -80,7 +84,7 @@ def gather_batch(store: dict[str, jax.Array], feed: dict[str, jax.Array], seq_le
         source_row = jnp.take(index, jnp.maximum(feed["slot"], 0))  # [R, L]: store row of each token
         out = {k: feed[k] for k in ("valid", "target_at", "target_ids", "target_slot")}
         out.update(mask=feed["slot"] >= 0, segments=feed["slot"], positions=feed["pos"],
-                   weight=jnp.take(store["weight"], index))
+                   weight=jnp.take(store["weight"], index), loss_offset=jnp.take(store["loss_offset"], index))
         out.update({k: store[k][source_row, feed["pos"]] for k in TOKEN_INPUTS if k in store})
     else:
         out = {"valid": feed["valid"]}
@@ -91,13 +95,14 @@ def gather_batch(store: dict[str, jax.Array], feed: dict[str, jax.Array], seq_le
 
 
 def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: tuple):
-    """``step(trainable, opt_state, params, base, projectors, store, feed, seq_len=, tgt_len=)``.
+    """``step(trainable, opt_state, params, base, projectors, soft, store, feed, seq_len=, tgt_len=)``.
 
     ``feed``: the batch's slots (``index``, ``valid``, and a packing layout when packed; see
     ``gather_batch``).
 
     ``projectors``: name → input-side projector applied to that tensor's update (``null_space``;
-    an empty dict when off), and with ``spec.project_gradients`` to its gradient as well.
+    an empty dict when off), and with ``spec.project_gradients`` to its gradient as well. ``soft``:
+    the soft-target table of KL retain rows (``retain_kl``), or None.
     Returns ``(trainable, opt_state, loss, applied)``, the state with ``state_shardings``. A step
     whose loss is below ``skip_step_loss`` or not finite leaves weights and optimizer state
     untouched, so a NaN never reaches the weights.
@@ -111,12 +116,12 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, mesh: Mesh
         donate_argnums=(0, 1),
         out_shardings=(*state_shardings, scalar, scalar),
     )
-    def step(trainable, opt_state, params, base, projectors, store, feed, *, seq_len: int, tgt_len: int):
+    def step(trainable, opt_state, params, base, projectors, soft, store, feed, *, seq_len: int, tgt_len: int):
         batch = gather_batch(store, feed, seq_len, tgt_len, mesh)
         # Gradients of the trainable tensors only; the masked optimizer sees them in the full
         # params structure, where the frozen leaves are placeholders it maps to zero updates
         # (never used, so XLA drops that work).
-        loss, grads = jax.value_and_grad(batch_loss)(trainable, params, spec, batch)
+        loss, grads = jax.value_and_grad(batch_loss)(trainable, params, spec, batch, soft)
         if spec.project_gradients:
             grads = {n: g @ projectors[n] if n in projectors else g for n, g in grads.items()}
         updates, new_opt = tx.update(merge(params, grads), opt_state)
