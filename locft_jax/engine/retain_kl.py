@@ -38,7 +38,8 @@ def _distribution_stats(params: Params, config: ModelConfig, ids, mask, target_p
     logr = jax.nn.log_softmax(M.lm_head(params, picked, config), axis=-1)
     r = jnp.exp(logr)
     w = M.lm_head_weight(params, config)
-    expected = jnp.einsum("buv,vd->bud", r, w.astype(jnp.float32))
+    # r in the head's dtype, float32 sums (as ``head_loss`` does): no float32 copy of a bf16 head
+    expected = jnp.einsum("buv,vd->bud", r.astype(w.dtype), w, preferred_element_type=jnp.float32)
     return expected, (r * logr).sum(-1)
 
 
