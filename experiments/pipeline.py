@@ -16,6 +16,7 @@ from locft_jax.engine import EditConfig, EditResult, edit
 from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, snapshot, write_jsonl, write_report
 from locft_jax.evaluate.unrelated import Fact, fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
+from locft_jax.files import write_text_atomic
 from locft_jax.requests import EditRequest
 
 EVAL_STYLES = ("teacher_forced", "generation")
@@ -77,7 +78,7 @@ def run_edit_job(
     scored before and after (``unrelated/*`` metrics; ``locft_jax.evaluate.unrelated``; each fact's
     answers in ``general_facts.jsonl``).
     """
-    (run_dir / "config.json").write_text(json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
+    write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     result = edit(
@@ -91,7 +92,7 @@ def run_edit_job(
         evaluation.add_metrics(unrelated_metrics(pre_facts, post_facts), unrelated_metrics(pre_facts, pre_facts))
         write_jsonl(run_dir / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
     write_report(evaluation, run_dir)
-    (run_dir / "report.md").write_text(report_markdown(job, config, result, evaluation))
+    write_text_atomic(run_dir / "report.md", report_markdown(job, config, result, evaluation))
     hf_dir = None
     if export:
         from convert.to_hf import export_hf

@@ -45,6 +45,7 @@ from locft_jax.evaluate import evaluate_requests, snapshot, write_jsonl, write_r
 from locft_jax.evaluate.capability import perplexity
 from locft_jax.evaluate.unrelated import fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
+from locft_jax.files import write_text_atomic
 
 DATA = Path(__file__).parent / "data"
 RELATIONS = {"capital": DATA / "country_capitals.json", "language": DATA / "country_languages.json"}
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(args.out, "quality")
     model = load_job_model(args.model)
     config = edit_config(model.config, args.preset, **edit_overrides(args))
-    (run_dir / "config.json").write_text(json.dumps({"argv": vars(args), "edit_config": config.to_dict()}, indent=2))
+    job = {"argv": vars(args), "edit_config": config.to_dict()}
+    write_text_atomic(run_dir / "config.json", json.dumps(job, indent=2))
     text = Path(args.text).read_text()
     if fact_prompts:
         general += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, fact_prompts))
@@ -144,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
             row.update({name: actions[key].value for key, name in ACTION_COLUMNS.items() if key in actions})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (run_dir / "results.json").write_text(json.dumps({"base_perplexity": base_ppl, "rows": rows}, indent=2))
-    (run_dir / "report.md").write_text(table(rows, base_ppl))
+    write_text_atomic(run_dir / "results.json", json.dumps({"base_perplexity": base_ppl, "rows": rows}, indent=2))
+    write_text_atomic(run_dir / "report.md", table(rows, base_ppl))
     plot(rows, run_dir / "quality.png")
     print(table(rows, base_ppl))
     print(f"run directory: {run_dir}")

@@ -35,6 +35,7 @@ from locft_jax.engine import EditConfig, EditResult, edit
 from locft_jax.evaluate import EvalResult, Metric, evaluate_requests, snapshot
 from locft_jax.evaluate.capability import perplexity
 from locft_jax.evaluate.metrics import LABELS
+from locft_jax.files import write_text_atomic
 from locft_jax.loading import Model
 from locft_jax.requests import EditRequest
 
@@ -202,7 +203,7 @@ class Job:
             "variants": [v.to_json() for v in variants],
             **extra,
         }
-        (self.run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_text_atomic(self.run_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def run(
         self,
@@ -260,7 +261,7 @@ class Job:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # the line being written when the run was killed
                 continue
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         return {row["run"]: row for row in rows}
 
     def perplexity(self, params) -> float | None:
@@ -294,9 +295,9 @@ class Job:
             "notes": list(notes),
             "plots": [Path(p).name for p in plots],
         }
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results["rows"], columns)
-        (self.run_dir / "report.md").write_text(self._report(table, descriptions, columns, plots, notes))
+        write_text_atomic(self.run_dir / "report.md", self._report(table, descriptions, columns, plots, notes))
         print(table)
         print(f"run directory: {self.run_dir}")
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from locft_jax.files import write_text_atomic
 from locft_jax.requests import EditRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -372,8 +373,8 @@ def write_results(args: argparse.Namespace, sub: str, results: dict[str, Any], t
         "versions": versions(),
         "results": results,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-    (out / "table.md").write_text(table + "\n")
+    write_text_atomic(out / "results.json", json.dumps(record, indent=1, default=_jsonable) + "\n")
+    write_text_atomic(out / "table.md", table + "\n")
     print(table)
     print(f"\nresults: {out / 'results.json'}")
     return out

@@ -24,6 +24,7 @@ from locft_jax.data.formats import (
     renamed,
 )
 from locft_jax.data.sources import RawEntry, Source, open_sources
+from locft_jax.files import write_text_atomic
 from locft_jax.requests import EditRequest, RequestError
 
 
@@ -193,7 +194,7 @@ def save_requests(requests: Iterable[EditRequest], path: str | os.PathLike[str])
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     else:
         text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
 
 
 def request_to_record(request: EditRequest) -> dict[str, Any]:

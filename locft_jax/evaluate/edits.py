@@ -22,6 +22,7 @@ from locft_jax.config import ModelConfig
 from locft_jax.evaluate import fluency, teacher_forced
 from locft_jax.evaluate.generation_match import exact_match, normalize_answer
 from locft_jax.evaluate.metrics import Metric, mean_of_means, pooled
+from locft_jax.files import write_text_atomic
 from locft_jax.model import Params
 from locft_jax.requests import EditRequest
 
@@ -64,7 +65,7 @@ class Snapshot:
     def save(self, path: str | Path) -> None:
         data = dataclasses.asdict(self)
         data["probes"] = [list(p) for p in self.probes]
-        Path(path).write_text(json.dumps(data))
+        write_text_atomic(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: str | Path) -> Snapshot:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from locft_jax.evaluate.edits import EvalResult
 from locft_jax.evaluate.metrics import LABELS, Metric
+from locft_jax.files import write_text_atomic
 
 
 def metrics_json(result: EvalResult) -> dict:
@@ -44,9 +45,7 @@ def markdown_table(result: EvalResult) -> str:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """One JSON object per line (UTF-8, not escaped)."""
-    with Path(path).open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_report(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
@@ -55,7 +54,7 @@ def write_report(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     names = {"metrics": "metrics.json", "markdown": "metrics.md", "per_request": "per_request.jsonl"}
     paths = {kind: out / name for kind, name in names.items()}
-    paths["metrics"].write_text(json.dumps(metrics_json(result), indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(result))
+    write_text_atomic(paths["metrics"], json.dumps(metrics_json(result), indent=2) + "\n")
+    write_text_atomic(paths["markdown"], markdown_table(result))
     write_jsonl(paths["per_request"], result.per_request)
     return paths
