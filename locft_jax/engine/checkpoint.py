@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from locft_jax.files import write_text_atomic
+
 KEEP = 2
 _NAME = re.compile(r"^epoch_(\d+)$")
 
@@ -41,9 +43,7 @@ def save_state(root: Path, epoch: int, trainable: dict, opt_state: Any, meta: di
     checkpointer.save(path / "state", state)
     checkpointer.wait_until_finished()
     # meta.json is written last: a directory without it is an unfinished save and is ignored.
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps({"epoch": epoch, **meta}))
-    tmp.rename(path / "meta.json")
+    write_text_atomic(path / "meta.json", json.dumps({"epoch": epoch, **meta}))
     for _, old in _epoch_dirs(root)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return path
