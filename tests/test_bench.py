@@ -76,6 +76,21 @@ def test_roofline_writes_results(tiny_llama_dir, tmp_path):
         assert check["ours"] <= check["xla"] <= 3 * check["ours"]
 
 
+def test_scale_runs_each_size_in_its_own_process(tiny_llama_dir, tmp_path):
+    out = tmp_path / "scale"
+    argv = ["bench", "scale", "--model", str(tiny_llama_dir), "--sizes", "8", "16", "--size-epochs", "2", "1",
+            "--layer", str(LAYER), "--batch-size", "4", "--out", str(out)]
+    assert main(argv) == 0
+    runs = json.loads((out / "results.json").read_text())["results"]["runs"]
+    assert [(r["edits"], len(r["epoch_seconds"])) for r in runs] == [(8, 2), (16, 1)]
+    small, large = runs
+    assert 0 < small["cache_bytes"] < large["cache_bytes"]  # the prefix cache grows with the edits
+    assert large["peak_rss_bytes"] >= large["rss_after_load_bytes"] > 0
+    assert small["ms_per_edit_epoch_steady"] > 0 and large["ms_per_edit_epoch_steady"] is None  # 1 epoch
+    assert all(r["peak_device_bytes"] is None for r in runs)  # CPU reports no device memory
+    assert "| 16 | 1 |" in (out / "table.md").read_text()
+
+
 def test_edit_flops_counts_by_hand():
     """One layer above the edit (the top one: its MLP and the LM head at the 2 targets only); every term written out."""
     from locft_jax.config import ModelConfig

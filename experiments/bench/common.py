@@ -330,6 +330,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def device_peak_bytes() -> int | None:
+    """Peak memory in use on the first accelerator since the process started; None on CPU or when unreported."""
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
 def rss_bytes() -> int:
     with contextlib.suppress(ImportError):
         import psutil

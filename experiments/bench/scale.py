@@ -2,7 +2,8 @@
 
 Synthetic facts ("The favourite colour of person #123 is" → a random colour, fixed seed), each
 size in its own process so that its peak resident memory (``ru_maxrss``) is its own. Time per
-edit should stay flat: every step has the same shape, the prefix cache grows linearly.
+edit should stay flat: every step has the same shape, the prefix cache grows linearly. On an
+accelerator the first device's peak memory in use is reported too.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def measure_size(options: dict[str, Any], n: int) -> dict[str, Any]:
         "ms_per_edit_epoch_whole_call": 1e3 * run.seconds / (n * len(run.epoch_seconds)),
         "rss_after_load_bytes": rss_loaded,
         "peak_rss_bytes": common.peak_rss_bytes(),
+        "peak_device_bytes": common.device_peak_bytes(),
     }
 
 
@@ -67,7 +69,8 @@ def table(results: dict[str, Any]) -> str:
         [r["edits"], len(r["epoch_seconds"]), r["ms_per_edit_epoch_train_excl_compile"], r["ms_per_edit_epoch_steady"],
          r["ms_per_edit_epoch_whole_call"],
          r["seconds"], r["setup_seconds"], r["compile_seconds"], r["cache_bytes"] / mib,
-         r["rss_after_load_bytes"] / mib, r["peak_rss_bytes"] / mib]
+         r["rss_after_load_bytes"] / mib, r["peak_rss_bytes"] / mib,
+         r["peak_device_bytes"] / mib if r.get("peak_device_bytes") else None]
         for r in results["runs"]
     ]
     return "\n".join([
@@ -76,7 +79,8 @@ def table(results: dict[str, Any]) -> str:
         common.markdown_table(
             ["edits", "epochs", "ms/edit-epoch (training, compile excluded)", "ms/edit-epoch (later epochs)",
              "ms/edit-epoch (whole call)", "call s", "setup s",
-             "compile s", "prefix cache MiB", "RSS after load MiB", "peak RSS MiB"],
+             "compile s", "prefix cache MiB", "RSS after load MiB", "peak RSS MiB",
+             "peak device MiB"],
             rows,
         ),
     ])
