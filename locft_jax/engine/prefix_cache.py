@@ -27,6 +27,9 @@ from locft_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from locft_jax.tokens import bucket
 
 CHUNK_ROWS = 32
+# On an accelerator a chunk of 32 short prompts is a few hundred tokens, too few to keep its matrix
+# units busy, and every chunk waits for its copy to the host: 100K edits would be 3125 such chunks.
+ACCELERATOR_CHUNK_ROWS = 256
 # On CPU a device store is a second copy of the host one in the same RAM: keep it to a size that
 # saves the per-step gather without doubling a big cache.
 CPU_DEVICE_BYTES = 2 << 30
@@ -107,7 +110,8 @@ def compute_prefix(
     ds: EditDataset,
     mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time.
+    """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time (on an accelerator
+    ``ACCELERATOR_CHUNK_ROWS``).
 
     Rows go in length order, so each chunk runs at the bucket of its own longest row (not the
     whole set's); positions past a row's chunk length stay zero — padding the step masks anyway.
@@ -115,7 +119,10 @@ def compute_prefix(
     share, not the whole chunk). Compiles once per sequence bucket met.
     """
     n, width = ds.ids.shape
-    chunk_rows = CHUNK_ROWS if mesh is None else slots_per_batch(CHUNK_ROWS, mesh)
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    chunk_rows = CHUNK_ROWS if device.platform == "cpu" else ACCELERATOR_CHUNK_ROWS
+    if mesh is not None:
+        chunk_rows = slots_per_batch(chunk_rows, mesh)
     by_length = np.argsort(ds.seq_len, kind="stable")
     out: dict[str, np.ndarray] = {}
     for start in range(0, n, chunk_rows):
