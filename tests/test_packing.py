@@ -16,6 +16,7 @@ from locft_jax.engine.packing import (
     layout,
     plan_shape,
     plan_shapes,
+    row_lengths,
     rows_needed,
     shape_for,
     slot_lengths,
@@ -77,6 +78,15 @@ def test_plan_shape_fits_every_batch_of_every_epoch():
         layout(lengths, targets, 2, shape)  # does not raise
     assert shape.rows * shape.length < 16 * 24  # fewer tokens than one 24-token bucket row per request
     assert shape.targets < 16 * 8  # fewer LM-head positions than every slot at the 8-token target bucket
+
+
+def test_plan_shape_picks_the_row_length_with_the_fewest_tokens_not_only_bucket_multiples():
+    """100 requests of 14 tokens: 4 fill a 56-token row exactly; the 64-token bucket multiple would pad 8 per row."""
+    seq_len, tgt_len = np.full(100, 14), np.full(100, 2)
+    assert list(row_lengths(16)) == [16, 24, 32, 40, 48, 56, 64]
+    assert list(row_lengths(512))[:3] == [512, 640, 768] and len(row_lengths(512)) == 13
+    shape = plan_shape(seq_len, tgt_len, [batches(epoch_order(100, 0, 0), 100)], batch_rows=100, shards=1)
+    assert (shape.rows, shape.length, shape.targets) == (25, 56, 200)
 
 
 def test_a_packed_row_computes_what_separate_rows_do(tiny):

@@ -25,7 +25,7 @@ import numpy as np
 
 from locft_jax.tokens import DEFAULT_BUCKETS, bucket
 
-LENGTH_MULTIPLES = (1, 2, 4)  # packed row lengths tried, as multiples of the longest request's bucket
+MAX_LENGTH_MULTIPLE = 4  # packed row lengths tried: from the longest request's bucket to 4× it
 SHORT_BATCH_SHARE = 0.75  # a short last batch with at most this share of a full batch's slots gets its own shape
 
 
@@ -146,22 +146,32 @@ def plan_shape(
 ) -> PackShape:
     """One shape for every batch of the run.
 
-    Row lengths tried: 1, 2 and 4 times the bucket of the longest request; the one with the fewest
-    padded tokens on the first epoch wins (ties: the shorter, whose attention is cheaper). The row
-    and target counts are then the most any batch of any epoch needs.
+    Row lengths tried (``row_lengths``): from the bucket of the longest request to
+    ``MAX_LENGTH_MULTIPLE`` times it; the one whose rows hold the fewest tokens wins (ties: the
+    shorter, whose attention is cheaper). The row count of a length is the most any batch of any
+    epoch needs at it; a length stops being counted once it cannot win.
     """
-    epochs = [[slot_lengths(seq_len, rows, batch_rows) for rows in batches] for batches in epoch_batches]
-    base = bucket(int(seq_len.max()), DEFAULT_BUCKETS)
+    every_batch = [slot_lengths(seq_len, rows, batch_rows) for batches in epoch_batches for rows in batches]
     best_rows, best_length = None, None
-    for length in (base * m for m in LENGTH_MULTIPLES):
-        rows = max(rows_needed(lengths, shards, length) for lengths in epochs[0])
-        if best_rows is None or rows * length < best_rows * best_length:
+    for length in row_lengths(bucket(int(seq_len.max()), DEFAULT_BUCKETS)):
+        rows = 0
+        for lengths in every_batch:
+            rows = max(rows, rows_needed(lengths, shards, length))
+            if best_rows is not None and rows * length >= best_rows * best_length:
+                break
+        else:
             best_rows, best_length = rows, length
-    rows = max(rows_needed(lengths, shards, best_length) for epoch in epochs for lengths in epoch)
     targets = max(
         targets_needed(slot_lengths(tgt_len, batch, batch_rows), shards) for epoch in epoch_batches for batch in epoch
     )
-    return PackShape(rows, best_length, targets)
+    return PackShape(best_rows, best_length, targets)
+
+
+def row_lengths(base: int) -> range:
+    """Packed row lengths to try for requests of at most ``base`` tokens: ``base`` up to
+    ``MAX_LENGTH_MULTIPLE × base`` in steps of ``max(8, base // 4)`` (at most 13 lengths). Finer than
+    the multiples of ``base``: 14-token requests fill a 56-token row (4 each), not a 64-token one."""
+    return range(base, MAX_LENGTH_MULTIPLE * base + 1, max(8, base // 4))
 
 
 def plan_shapes(
