@@ -27,8 +27,8 @@ from locft_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from locft_jax.tokens import bucket
 
 CHUNK_ROWS = 32
-# On an accelerator a chunk of 32 short prompts is a few hundred tokens, too few to keep its matrix
-# units busy, and every chunk waits for its copy to the host: 100K edits would be 3125 such chunks.
+# On an accelerator a chunk of 32 short prompts is a few hundred tokens: 256-row chunks built an
+# H200's cache 6-11 % faster (docs/BENCHMARKS.md, GPU).
 ACCELERATOR_CHUNK_ROWS = 256
 # On CPU a device store is a second copy of the host one in the same RAM: keep it to a size that
 # saves the per-step gather without doubling a big cache.
