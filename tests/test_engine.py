@@ -124,6 +124,14 @@ def test_prefix_cache_chunks_run_at_their_own_length_and_match_the_plain_path(ti
     for key in ("h", "act"):  # chunks of 8 rows (3 rounded up to the 8 devices), split over them
         for row, length in enumerate(ds.seq_len):
             np.testing.assert_allclose(split[key][row, :length], got[key][row, :length], atol=1e-5)
+    # written into device arrays where computed: the same values, replicated, no host copy
+    on_device = prefix_cache.compute_prefix(tiny.params, tiny.config, location, CachePoint.DOWN_INPUT, ds, make_mesh(),
+                                            on_device=True)
+    for key in ("h", "act"):
+        assert on_device[key].sharding.is_fully_replicated
+        np.testing.assert_array_equal(np.asarray(on_device[key]), split[key])
+    with pytest.raises(ValueError, match="needs a mesh"):
+        prefix_cache.compute_prefix(tiny.params, tiny.config, location, CachePoint.DOWN_INPUT, ds, on_device=True)
     cfg = EditConfig(layers=(2,), **FAST)
     cached = edit(tiny, REQUESTS, cfg, mesh=ONE_DEVICE)
     plain = edit(tiny, REQUESTS, cfg.replace(prefix_cache=False), mesh=ONE_DEVICE)

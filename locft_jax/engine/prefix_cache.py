@@ -13,6 +13,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -60,7 +61,8 @@ def build_store(
     """Every request's step inputs (cached activations at ``point``, or token ids when it is None).
 
     On device (replicated over ``mesh``) when the cache fits ``device_budget_bytes`` (None: the
-    default: ``device_budget`` of the mesh's devices), else on the host.
+    default: ``device_budget`` of the mesh's devices), else on the host. A device cache is written
+    on device chunk by chunk, so it never passes through (or doubles in) host memory.
     """
     host = {
         "mask": ds.mask,
@@ -70,21 +72,32 @@ def build_store(
         "weight": ds.weight,
         "loss_offset": ds.loss_offset,
     }
-    cache_bytes = 0
     if point is None:
         host["ids"] = ds.ids
+        cache_bytes = 0
     else:
-        cached = compute_prefix(params, config, location, point, ds, mesh)
-        cache_bytes = sum(v.nbytes for v in cached.values())
-        host.update(cached)
+        cache_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                          for shape, dtype in prefix_shapes(params, config, location, point, ds).values())
     if device_budget_bytes is None:
         device_budget_bytes = device_budget(mesh.devices.flat)
     on_device = cache_bytes <= device_budget_bytes
+    cached = {} if point is None else compute_prefix(params, config, location, point, ds, mesh, on_device=on_device)
     if on_device:
-        arrays = {k: jax.device_put(v, replicated(mesh)) for k, v in host.items()}
+        arrays = {k: jax.device_put(v, replicated(mesh)) for k, v in host.items()} | cached
     else:
-        arrays = host
+        arrays = host | cached
     return Store(arrays, on_device, cache_bytes)
+
+
+def prefix_shapes(
+    params: Params, config: ModelConfig, location: Location, point: CachePoint, ds: EditDataset
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each cached array for all of ``ds`` (nothing is computed)."""
+    n, width = ds.ids.shape
+    ids = jax.ShapeDtypeStruct((1, width), ds.ids.dtype)
+    mask = jax.ShapeDtypeStruct((1, width), ds.mask.dtype)
+    out = jax.eval_shape(lambda p, i, m: prefix_inputs(p, config, location, point, i, m), params, ids, mask)
+    return {k: ((n, *v.shape[1:]), v.dtype) for k, v in out.items()}
 
 
 def device_budget(devices) -> int:
@@ -109,22 +122,32 @@ def compute_prefix(
     point: CachePoint,
     ds: EditDataset,
     mesh: Mesh | None = None,
-) -> dict[str, np.ndarray]:
+    on_device: bool = False,
+) -> dict[str, np.ndarray | jax.Array]:
     """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time (on an accelerator
     ``ACCELERATOR_CHUNK_ROWS``).
 
     Rows go in length order, so each chunk runs at the bucket of its own longest row (not the
     whole set's); positions past a row's chunk length stay zero — padding the step masks anyway.
     With a ``mesh``, each chunk's rows are split over its data axis (every device computes its
-    share, not the whole chunk). Compiles once per sequence bucket met.
+    share, not the whole chunk). Compiles once per sequence bucket met. The result is host arrays,
+    or with ``on_device`` (needs ``mesh``) arrays replicated over ``mesh`` that each chunk is written
+    into where it was computed: no copy of the cache passes through the host.
     """
+    if on_device and mesh is None:
+        raise ValueError("compute_prefix(on_device=True) needs a mesh")
     n, width = ds.ids.shape
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     chunk_rows = CHUNK_ROWS if device.platform == "cpu" else ACCELERATOR_CHUNK_ROWS
     if mesh is not None:
         chunk_rows = slots_per_batch(chunk_rows, mesh)
+    shapes = prefix_shapes(params, config, location, point, ds)
+    if on_device:
+        out = {k: jnp.zeros(shape, dtype, device=replicated(mesh)) for k, (shape, dtype) in shapes.items()}
+        write_rows = _row_writer(replicated(mesh))
+    else:
+        out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
     by_length = np.argsort(ds.seq_len, kind="stable")
-    out: dict[str, np.ndarray] = {}
     for start in range(0, n, chunk_rows):
         # the last chunk wraps to keep its row count (one compile per bucket, not per size)
         rows = by_length[np.arange(start, start + chunk_rows) % n]
@@ -133,11 +156,26 @@ def compute_prefix(
         ids, mask = ds.ids[rows, :seq], ds.mask[rows, :seq]
         if mesh is not None:
             ids, mask = jax.device_put((ids, mask), batch_sharding(mesh, 2))
-        for key, value in _prefix(params, config, location, point, ids, mask).items():
-            if key not in out:
-                out[key] = np.zeros((n, width, *value.shape[2:]), dtype=value.dtype)
-            out[key][rows[:keep], :seq] = np.asarray(value[:keep])
+        values = _prefix(params, config, location, point, ids, mask)
+        if on_device:
+            # wrapped rows point past the end and are dropped
+            target = jax.device_put(np.where(np.arange(chunk_rows) < keep, rows, n).astype(np.int32), replicated(mesh))
+            out = write_rows(out, target, values)
+        else:
+            for key, value in values.items():
+                out[key][rows[:keep], :seq] = np.asarray(value[:keep])
     return out
+
+
+@functools.lru_cache
+def _row_writer(sharding):
+    """A jitted ``out[key][rows, :seq] = values[key]`` for every key, in place (``out`` donated) and
+    kept in ``sharding``; rows ≥ len(out) are dropped."""
+
+    def write(out, rows, values):
+        return {k: v.at[rows, : values[k].shape[1]].set(values[k], mode="drop") for k, v in out.items()}
+
+    return jax.jit(write, donate_argnums=0, out_shardings=sharding)
 
 
 def slots_per_batch(rows_per_batch: int, mesh: Mesh) -> int:
