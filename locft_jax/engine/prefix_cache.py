@@ -164,7 +164,8 @@ def compute_prefix(
         else:
             for key, value in values.items():
                 out[key][rows[:keep], :seq] = np.asarray(value[:keep])
-    return out
+    # a device build is dispatched asynchronously: finish it here, not inside the first train step
+    return jax.block_until_ready(out)
 
 
 @functools.lru_cache
