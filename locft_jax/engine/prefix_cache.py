@@ -31,8 +31,9 @@ CHUNK_ROWS = 32
 # On an accelerator a chunk of 32 short prompts is a few hundred tokens: 256-row chunks built an
 # H200's cache 6-11 % faster (docs/BENCHMARKS.md, GPU).
 ACCELERATOR_CHUNK_ROWS = 256
-# On CPU a device store is a second copy of the host one in the same RAM: keep it to a size that
-# saves the per-step gather without doubling a big cache.
+# On CPU "device" memory is host RAM: up to this size the cache is kept as device arrays (the step
+# gathers its rows), past it each batch's rows are sent. Set when a device store was a second copy
+# of a host-built one; since the device store is built in place it no longer is.
 CPU_DEVICE_BYTES = 2 << 30
 
 
@@ -72,16 +73,14 @@ def build_store(
         "weight": ds.weight,
         "loss_offset": ds.loss_offset,
     }
+    shapes = {} if point is None else prefix_shapes(params, config, location, point, ds)
     if point is None:
         host["ids"] = ds.ids
-        cache_bytes = 0
-    else:
-        cache_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                          for shape, dtype in prefix_shapes(params, config, location, point, ds).values())
+    cache_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
     if device_budget_bytes is None:
         device_budget_bytes = device_budget(mesh.devices.flat)
     on_device = cache_bytes <= device_budget_bytes
-    cached = {} if point is None else compute_prefix(params, config, location, point, ds, mesh, on_device=on_device)
+    cached = {} if point is None else compute_prefix(params, config, location, point, ds, mesh, on_device, shapes)
     if on_device:
         arrays = {k: jax.device_put(v, replicated(mesh)) for k, v in host.items()} | cached
     else:
@@ -123,6 +122,7 @@ def compute_prefix(
     ds: EditDataset,
     mesh: Mesh | None = None,
     on_device: bool = False,
+    shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
 ) -> dict[str, np.ndarray | jax.Array]:
     """Run the frozen layers once over all requests, ``CHUNK_ROWS`` at a time (on an accelerator
     ``ACCELERATOR_CHUNK_ROWS``).
@@ -132,7 +132,8 @@ def compute_prefix(
     With a ``mesh``, each chunk's rows are split over its data axis (every device computes its
     share, not the whole chunk). Compiles once per sequence bucket met. The result is host arrays,
     or with ``on_device`` (needs ``mesh``) arrays replicated over ``mesh`` that each chunk is written
-    into where it was computed: no copy of the cache passes through the host.
+    into where it was computed: no copy of the cache passes through the host. ``shapes``: the
+    caller's ``prefix_shapes`` of the same arguments, when it has them (else traced here).
     """
     if on_device and mesh is None:
         raise ValueError("compute_prefix(on_device=True) needs a mesh")
@@ -141,7 +142,7 @@ def compute_prefix(
     chunk_rows = CHUNK_ROWS if device.platform == "cpu" else ACCELERATOR_CHUNK_ROWS
     if mesh is not None:
         chunk_rows = slots_per_batch(chunk_rows, mesh)
-    shapes = prefix_shapes(params, config, location, point, ds)
+    shapes = shapes or prefix_shapes(params, config, location, point, ds)
     if on_device:
         out = {k: jnp.zeros(shape, dtype, device=replicated(mesh)) for k, (shape, dtype) in shapes.items()}
         write_rows = _row_writer(replicated(mesh))
