@@ -12,7 +12,11 @@ set -u
 out=${1:?usage: experiments/bench/gpu.sh OUT_DIR [TOKENIZER_DIR]}
 tok=(${2:+--tokenizer "$2"})
 py=${PYTHON:-python3}
-steps=" ${STEPS:-smoke speed speed25 roofline parity scale} "
+all_steps="smoke speed speed25 roofline parity scale"
+steps=" ${STEPS:-$all_steps} "
+for step in $steps; do
+    [[ " $all_steps " == *" $step "* ]] || { echo "gpu.sh: unknown step '$step' in STEPS (steps: $all_steps)" >&2; exit 2; }
+done
 export PYTHONUNBUFFERED=1
 shape=(--random-shape llama3-8b --dtype bfloat16 --layer 22 --batch-size 100 "${tok[@]}")
 # bench SECONDS MEM_SHARE SUB ARGS...: one `bench SUB` run with a time limit. JAX takes MEM_SHARE of
