@@ -15,7 +15,11 @@ that differ, as ``patch.safetensors`` + ``patch.json``; ``python -m convert.patc
 into the full directory.
 
 Memory: tensors are gathered to the host and written one at a time (a tensor sharded over many
-devices or hosts is gathered first), so the host holds at most one tensor beyond the params.
+devices is gathered first), so the host holds at most one tensor beyond the params.
+
+Multi-host (``locft_jax.hosts``): every process calls ``export_hf``; process 0 alone writes. Tensors
+split over several hosts are gathered first by all processes together (then the host holds all of
+those at once); replicated ones are read from the local copy, with no communication.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from convert.patch import make_patch, same_bits, write_over_base
 from convert.safetensors_io import write_safetensors_streaming
 from convert.sources import open_checkpoint
 from locft_jax.config import ModelConfig
+from locft_jax.hosts import is_primary
 from locft_jax.params import Params, flatten, tensor_specs
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default, "5GB"
@@ -48,12 +53,27 @@ Layout = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
 
 def to_host(x: Any) -> np.ndarray:
-    """One tensor as a host numpy array, gathered first if it is sharded over devices or hosts."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
+    """One tensor as a host numpy array, gathered first if it is sharded over devices or hosts.
 
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    A tensor split over several hosts needs every process to gather it (``gather_across_hosts``).
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError("tensor is split over several hosts: gather it on every process (gather_across_hosts)")
+        x = x.addressable_data(0)
     return np.asarray(jax.device_get(x))
+
+
+def gather_across_hosts(flat: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every tensor of ``flat`` that is split over several hosts, gathered; a collective: every
+    process must call it, with the same names (it is empty in a single-process run)."""
+    from jax.experimental import multihost_utils
+
+    split = sorted(
+        n for n, x in flat.items()
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+    )
+    return {n: np.asarray(multihost_utils.process_allgather(flat[n], tiled=True)) for n in split}
 
 
 def hf_config_dict(config: ModelConfig, dtype: np.dtype) -> dict[str, Any]:
@@ -157,14 +177,18 @@ def export_hf(
 
     ``dtype`` casts every tensor (default: each keeps its params dtype). ``generation_config``:
     a ``generation_config.json`` to copy (default: the base's, if it has one). With
-    ``only_changed``, ``out`` holds only the patch against ``base``.
+    ``only_changed``, ``out`` holds only the patch against ``base``. Multi-host: call it on every
+    process; on all but process 0 it returns once the tensors split over hosts are gathered.
     """
     out = Path(out)
     flat = flatten(params)
     layout = _params_layout(flat, config, None if dtype is None else np.dtype(dtype))
+    gathered = gather_across_hosts(flat)
+    if not is_primary():
+        return out
 
     def read(name: str) -> np.ndarray:
-        host = to_host(flat[name])
+        host = gathered[name] if name in gathered else to_host(flat[name])
         return host.astype(layout[name][0], copy=False)
 
     if only_changed:

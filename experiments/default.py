@@ -11,6 +11,7 @@ from experiments.presets import edit_config
 from locft_jax.data import load_requests
 from locft_jax.evaluate import markdown_table
 from locft_jax.generate import generate_greedy
+from locft_jax.hosts import is_primary
 
 SHOW = 6
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
           f"(final loss {out.edit.log[-1]['loss']:.4f}, {out.edit.compiles} compiles)\n")
     print(markdown_table(out.evaluation))
 
-    if not args.no_reload_check:
+    if not args.no_reload_check and is_primary():
         confirm_with_transformers(out.hf_dir, shown[0], after[0])
     facts_file = "general_facts.jsonl, " if facts else ""
     print(f"\nEverything is in {run_dir}/: report.md, metrics.json, metrics.md, per_request.jsonl, {facts_file}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,26 @@ from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, sn
 from locft_jax.evaluate.unrelated import Fact, fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
 from locft_jax.files import write_text_atomic
+from locft_jax.hosts import barrier, is_primary, shared_timestamp
 from locft_jax.requests import EditRequest
 
 EVAL_STYLES = ("teacher_forced", "generation")
 
 
 def new_run_dir(out: str | Path | None, name: str, resume: bool = False) -> Path:
-    """``out`` (or ``runs/<name>-<time>/``); with ``resume`` it must hold an earlier run."""
-    path = Path(out) if out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``out`` (or ``runs/<name>-<time>/``); with ``resume`` it must hold an earlier run.
+
+    Multi-host: every process checks, then (after a barrier) creates the same directory, so a
+    refusal is raised on all of them and none sees another's files as an earlier run.
+    """
+    path = Path(out) if out else Path("runs") / f"{name}-{shared_timestamp()}"
     if resume:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: not a run directory (no config.json) to resume")
         return path
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path}: already exists and is not empty (use --resume to continue that run)")
+    barrier("new_run_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -78,7 +83,9 @@ def run_edit_job(
     scored before and after (``unrelated/*`` metrics; ``locft_jax.evaluate.unrelated``; each fact's
     answers in ``general_facts.jsonl``).
     """
-    write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
+    primary = is_primary()  # multi-host: every process computes, process 0 writes
+    if primary:
+        write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     result = edit(
@@ -90,9 +97,11 @@ def run_edit_job(
     if pre_facts is not None:
         post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts)
         evaluation.add_metrics(unrelated_metrics(pre_facts, post_facts), unrelated_metrics(pre_facts, pre_facts))
-        write_jsonl(run_dir / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
-    write_report(evaluation, run_dir)
-    write_text_atomic(run_dir / "report.md", report_markdown(job, config, result, evaluation))
+        if primary:
+            write_jsonl(run_dir / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
+    if primary:
+        write_report(evaluation, run_dir)
+        write_text_atomic(run_dir / "report.md", report_markdown(job, config, result, evaluation))
     hf_dir = None
     if export:
         from convert.to_hf import export_hf

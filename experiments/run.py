@@ -49,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     module.add_arguments(parser)
     args = parser.parse_args(argv)
-    enable_compile_cache()
     from experiments.errors import run_with_clear_errors
+    from locft_jax.hosts import init_distributed
 
-    return run_with_clear_errors(module.run, args)
+    def job(args: argparse.Namespace) -> int:
+        init_distributed()  # a multi-host run is joined before anything touches a device
+        enable_compile_cache()
+        return module.run(args)
+
+    return run_with_clear_errors(job, args)
 
 
 if __name__ == "__main__":

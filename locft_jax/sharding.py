@@ -3,13 +3,12 @@
 The mesh has two axes: ``data`` (the batch is split over it: data parallelism, what ``pmap`` used
 to do) and ``model`` (weights too large for one device are split over it, tensor-parallel style).
 One rules table decides which logical axis goes to which mesh axis; GSPMD inserts the collectives.
-Multi-host: call ``jax.distributed.initialize()`` first (``init_distributed``); ``jax.devices()``
-then lists every device of the pod and the same code runs on each host.
+Multi-host: join the run first (``locft_jax.hosts.init_distributed``); ``jax.devices()`` then lists
+every device of every host, and the same code runs on each.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
@@ -31,12 +30,6 @@ TENSOR_PARALLEL_RULES: Mapping[str, str | None] = {
     "mlp": MODEL_AXIS,
     "vocab": MODEL_AXIS,
 }
-
-
-def init_distributed() -> None:
-    """Join a multi-host run when launched as one (env set by the launcher); no-op otherwise."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LOCFT_MULTIHOST"):
-        jax.distributed.initialize()
 
 
 def make_mesh(model_parallel: int = 1, devices: list | None = None) -> Mesh:

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from locft_jax.files import write_text_atomic
+from locft_jax.hosts import barrier, is_primary
 
 KEEP = 2
 _NAME = re.compile(r"^epoch_(\d+)$")
@@ -32,26 +33,40 @@ def _epoch_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_state(root: Path, epoch: int, trainable: dict, opt_state: Any, meta: dict[str, Any]) -> Path:
-    """Save after ``epoch`` (0-based) finished; keep the last ``KEEP`` checkpoints."""
+    """Save after ``epoch`` (0-based) finished; keep the last ``KEEP`` checkpoints.
+
+    Multi-host: every process saves its shards through orbax; process 0 alone removes and writes
+    the files around them, between barriers.
+    """
     root = Path(root).absolute()
-    root.mkdir(parents=True, exist_ok=True)
     path = root / f"epoch_{epoch:04d}"
-    if path.exists():
-        shutil.rmtree(path)
+    primary = is_primary()
+    if primary:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            shutil.rmtree(path)
+    barrier(f"checkpoint {epoch}: cleared")
     state = {"trainable": trainable, "opt_state": {str(i): x for i, x in enumerate(jax.tree.leaves(opt_state))}}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "state", state)
     checkpointer.wait_until_finished()
-    # meta.json is written last: a directory without it is an unfinished save and is ignored.
-    write_text_atomic(path / "meta.json", json.dumps({"epoch": epoch, **meta}))
-    for _, old in _epoch_dirs(root)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    if primary:
+        # meta.json is written last: a directory without it is an unfinished save and is ignored.
+        write_text_atomic(path / "meta.json", json.dumps({"epoch": epoch, **meta}))
+        for _, old in _epoch_dirs(root)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(f"checkpoint {epoch}: saved")
     return path
 
 
 def latest_state(root: Path) -> Path | None:
     dirs = _epoch_dirs(Path(root).absolute())
     return dirs[-1][1] if dirs else None
+
+
+def epoch_of(path: Path | None) -> int:
+    """The epoch a checkpoint directory from ``latest_state`` holds; -1 for none."""
+    return -1 if path is None else int(_NAME.match(Path(path).name).group(1))
 
 
 def restore_state(path: Path, trainable_like: dict, opt_state_like: Any) -> tuple[dict, Any, dict[str, Any]]:

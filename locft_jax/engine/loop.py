@@ -27,6 +27,7 @@ from locft_jax.engine.packing import PackPlan, plan_shapes
 from locft_jax.engine.prefix_cache import BatchFeeder, build_store, slots_per_batch
 from locft_jax.engine.retain_kl import with_soft_targets
 from locft_jax.engine.step import StepSpec, make_train_step
+from locft_jax.hosts import is_primary, same_on_every_process
 from locft_jax.loading import Model
 from locft_jax.params import Params, flatten
 from locft_jax.requests import EditRequest
@@ -84,6 +85,8 @@ def edit(
     ``config.null_space_tol > 0`` (see ``null_space``); the retain rows' texts are added to them.
     ``preserve_subjects``: requests whose subject tokens the update must not act on, with
     ``config.null_space_scope == "subject"`` (which also preserves each edit prompt's non-subject tokens).
+    Multi-host (``locft_jax.hosts``): call it on every process; process 0 alone shows progress and
+    writes ``log_path``; ``checkpoint_dir`` must be on a file system every host sees.
     """
     start_time = time.perf_counter()
     config = config or EditConfig()
@@ -132,7 +135,11 @@ def edit(
     )
     log: list[dict[str, Any]] = []
     first_epoch = 0
-    if resume and checkpoint_dir and (latest := ckpt.latest_state(Path(checkpoint_dir))):
+    latest = ckpt.latest_state(Path(checkpoint_dir)) if resume and checkpoint_dir else None
+    # multi-host: restoring is collective, so every process must find the same checkpoint
+    same_on_every_process(ckpt.epoch_of(latest), "the checkpoint to resume from (is checkpoint_dir on a file "
+                                                 "system every host sees?)")
+    if latest is not None:
         trainable, opt_state, meta = ckpt.restore_state(latest, trainable, opt_state)
         if meta.get("fingerprint") != identity:
             raise ValueError(f"{latest}: checkpoint is from a different run (config or data changed); not resuming")
@@ -142,8 +149,9 @@ def edit(
     if config.early_stop_reliability > 0:
         sample = [requests[i] for i in ds.kept[: min(ds.n_edits, CHECK_SAMPLE)]]
         check = _reliability_check(model, params, sample, {n: flat[n].dtype for n in names})
-    hooks = _EpochHooks(_progress(progress, config, steps_per_epoch, first_epoch), checkpoint_dir, identity,
-                        log_path, on_epoch)
+    primary = is_primary()  # multi-host: process 0 alone shows progress and writes the log
+    hooks = _EpochHooks(_progress(progress and primary, config, steps_per_epoch, first_epoch), checkpoint_dir,
+                        identity, log_path if primary else None, on_epoch)
     if config.pipeline == "df":
         trainable, opt_state = _depth_first(runner, trainable, opt_state, tx, config, first_epoch, log, hooks)
     else:
