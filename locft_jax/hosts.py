@@ -17,15 +17,15 @@ import jax
 import numpy as np
 
 
-def init_distributed() -> bool:
-    """Join a multi-host run when launched as one; return whether this is one.
+def init_distributed() -> None:
+    """Join a multi-host run when launched as one.
 
     ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID`` set by hand or by a launcher; or ``LOCFT_MULTIHOST=1`` where JAX detects
     the cluster itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes). Neither set: a no-op.
     """
     if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LOCFT_MULTIHOST")):
-        return False
+        return
     counts = {}
     for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
         if value := os.environ.get(env):
@@ -34,7 +34,6 @@ def init_distributed() -> bool:
             except ValueError:
                 raise ValueError(f"{env}={value!r} is not an integer") from None
     jax.distributed.initialize(**counts)
-    return True
 
 
 def is_primary() -> bool:
