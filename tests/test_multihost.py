@@ -59,7 +59,8 @@ def test_two_processes_edit_as_one_run_and_process_0_writes_once(tiny_llama_dir,
     # model_parallel=4: each host's 4 devices split the weights, the batch is split over the 2 hosts
     argv = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "6", "--layer", "2",
             "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--set", "early_stop_loss=0",
-            "--set", "skip_step_loss=0", "--set", "model_parallel=4", "--out", str(out), "--export-hf"]
+            "--set", "skip_step_loss=0", "--set", "model_parallel=4", "--general-facts", "",
+            "--out", str(out), "--export-hf"]
     procs = _run_processes(argv)
     for i, proc in enumerate(procs):
         assert proc.returncode == 0, f"process {i}:\n{proc.stderr[-3000:]}"
