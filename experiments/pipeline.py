@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from locft_jax import Model, load_model
 from locft_jax.data import load_requests
 from locft_jax.engine import EditConfig, EditResult, edit
+from locft_jax.engine.checkpoint import latest_state
 from locft_jax.evaluate import EvalResult, evaluate_requests, markdown_table, snapshot, write_jsonl, write_report
 from locft_jax.evaluate.unrelated import Fact, fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
@@ -88,10 +89,17 @@ def run_edit_job(
         write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
-    result = edit(
-        model, requests, config, checkpoint_dir=run_dir / "checkpoints", resume=resume, progress=True,
-        log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve, preserve_subjects=preserve_subjects,
-    )
+    try:
+        result = edit(
+            model, requests, config, checkpoint_dir=run_dir / "checkpoints", resume=resume, progress=True,
+            log_path=run_dir / "log.jsonl", retain=retain, preserve=preserve, preserve_subjects=preserve_subjects,
+        )
+    except BaseException:
+        if primary and not resume and latest_state(run_dir / "checkpoints") is None:
+            # failed before its first checkpoint (a bad record, layer, ...): nothing to resume, so
+            # the directory is left empty and the corrected command can use it again
+            (run_dir / "config.json").unlink(missing_ok=True)
+        raise
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
     evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests))
     if pre_facts is not None:

@@ -131,6 +131,8 @@ def test_edit_cli_takes_neighbour_subjects_for_the_subject_scoped_null_space(tin
         (["--module", "mlp", "--layer", "9"], "layer 9 out of range; valid: 0..3"),
         (["--set", "nonsense=1"], "--set nonsense: unknown field"),
         (["--set", "pipeline='zz'"], "EditConfig.pipeline='zz'; valid: bf, df"),
+        (["--set", "lr=abc"], "EditConfig.lr must be a number, got 'abc'"),
+        (["--set", "packing=false"], "EditConfig.packing must be True or False, got 'false'"),
         (["--preserve-prompts", str(ROOT / "experiments" / "data" / "preserve_facts.txt")],
          "--preserve/--preserve-prompts need the null space: add --set null_space_tol=1e-3"),
     ],
@@ -140,6 +142,8 @@ def test_edit_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path, capsys, 
                  "--out", str(tmp_path / "r"), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+    out = tmp_path / "r"  # nothing to resume is left behind: the corrected command can use the directory
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_edit_cli_names_the_bad_record(tiny_llama_dir, tmp_path, capsys):

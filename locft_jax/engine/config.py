@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 PIPELINES = ("bf", "df")
@@ -75,6 +76,7 @@ class EditConfig:
     head_chunk: int = 2048
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name, allowed in (
             ("pipeline", PIPELINES),
             ("objective", OBJECTIVES),
@@ -86,9 +88,11 @@ class EditConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EditConfig.{name}={getattr(self, name)!r}; valid: {', '.join(allowed)}")
-        if isinstance(self.layers, int):
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             object.__setattr__(self, "layers", (self.layers,))
         elif self.layers is not None:
+            if isinstance(self.layers, str | bytes) or not all(_is_int(x) for x in self.layers):
+                raise ValueError(f"EditConfig.layers must be an int or a list of ints, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         for name in ("epochs", "batch_size", "max_length", "model_parallel", "check_every"):
             if int(getattr(self, name)) < 1:
@@ -97,6 +101,25 @@ class EditConfig:
             raise ValueError(f"EditConfig.head_chunk must be >= 0 (0 = plain head), got {self.head_chunk!r}")
         if not self.lr > 0:
             raise ValueError(f"EditConfig.lr must be > 0, got {self.lr!r}")
+
+    def _check_types(self) -> None:
+        """Each field holds its default's kind of value (a string where a number belongs is named here,
+        not met later as a TypeError deep in the run)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "layers" or (value is None and f.default is None):
+                continue
+            kind = int if f.default is None else type(f.default)  # None default: prefix_cache_device_bytes
+            if kind is bool:
+                ok, what = isinstance(value, bool), "True or False"
+            elif kind is float:
+                ok, what = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+            elif kind is int:
+                ok, what = _is_int(value), "an integer"
+            else:
+                ok, what = isinstance(value, kind), f"a {kind.__name__}"
+            if not ok:
+                raise ValueError(f"EditConfig.{f.name} must be {what}, got {value!r}")
 
     def replace(self, **changes: Any) -> EditConfig:
         return dataclasses.replace(self, **changes)
@@ -113,3 +136,7 @@ class EditConfig:
         if unknown:
             raise ValueError(f"unknown EditConfig fields {unknown}; valid: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too
