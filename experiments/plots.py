@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from locft_jax.hosts import is_primary  # noqa: E402
+
 Values = Sequence[float | None]
 
 
@@ -25,7 +27,8 @@ def _array(values: Values) -> np.ndarray:
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if is_primary():  # multi-host: process 0 writes the run's files
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

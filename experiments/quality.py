@@ -46,6 +46,7 @@ from locft_jax.evaluate.capability import perplexity
 from locft_jax.evaluate.unrelated import fact_answers, fact_snapshot, unrelated_metrics
 from locft_jax.evaluate.update_action import action_metrics
 from locft_jax.files import write_text_atomic
+from locft_jax.hosts import is_primary
 
 DATA = Path(__file__).parent / "data"
 RELATIONS = {"capital": DATA / "country_capitals.json", "language": DATA / "country_languages.json"}
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_job_model(args.model)
     config = edit_config(model.config, args.preset, **edit_overrides(args))
     job = {"argv": vars(args), "edit_config": config.to_dict()}
-    write_text_atomic(run_dir / "config.json", json.dumps(job, indent=2))
+    primary = is_primary()  # multi-host: process 0 writes the run's files
+    if primary:
+        write_text_atomic(run_dir / "config.json", json.dumps(job, indent=2))
     text = Path(args.text).read_text()
     if fact_prompts:
         general += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, fact_prompts))
@@ -132,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
             if pre_facts is not None:
                 post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts)
                 ev.add_metrics(unrelated_metrics(pre_facts, post_facts))
-                write_jsonl(details / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
-            write_report(ev, details)
+                if primary:
+                    write_jsonl(details / "general_facts.jsonl", fact_answers(pre_facts, post_facts))
+            if primary:
+                write_report(ev, details)
             ppl = perplexity(result.params, model.config, model.tokenizer, text).value
             row = {"relation": relation, "variant": variant, "train_rows": len(train), "retain_rows": len(keep),
                    "neighbours": len(neighbours), "preserved_texts": len(preserve),
@@ -146,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
             row.update({name: actions[key].value for key, name in ACTION_COLUMNS.items() if key in actions})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    write_text_atomic(run_dir / "results.json", json.dumps({"base_perplexity": base_ppl, "rows": rows}, indent=2))
-    write_text_atomic(run_dir / "report.md", table(rows, base_ppl))
-    plot(rows, run_dir / "quality.png")
+    if primary:
+        write_text_atomic(run_dir / "results.json", json.dumps({"base_perplexity": base_ppl, "rows": rows}, indent=2))
+        write_text_atomic(run_dir / "report.md", table(rows, base_ppl))
+        plot(rows, run_dir / "quality.png")
     print(table(rows, base_ppl))
     print(f"run directory: {run_dir}")
     return 0

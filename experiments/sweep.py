@@ -36,6 +36,7 @@ from locft_jax.evaluate import EvalResult, Metric, evaluate_requests, snapshot
 from locft_jax.evaluate.capability import perplexity
 from locft_jax.evaluate.metrics import LABELS
 from locft_jax.files import write_text_atomic
+from locft_jax.hosts import is_primary
 from locft_jax.loading import Model
 from locft_jax.requests import EditRequest
 
@@ -203,7 +204,8 @@ class Job:
             "variants": [v.to_json() for v in variants],
             **extra,
         }
-        write_text_atomic(self.run_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+        if is_primary():  # multi-host: process 0 writes the run's files
+            write_text_atomic(self.run_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
 
     def run(
         self,
@@ -240,8 +242,9 @@ class Job:
                 "perplexity": self.perplexity(result.params), "evaluated": len(scored),
                 **timing(result, variant.config, len(requests)),
             })
-            with open(self.run_dir / "rows.jsonl", "a") as f:  # kept if a later, bigger variant fails
-                f.write(json.dumps(rows[-1]) + "\n")
+            if is_primary():
+                with open(self.run_dir / "rows.jsonl", "a") as f:  # kept if a later, bigger variant fails
+                    f.write(json.dumps(rows[-1]) + "\n")
         if pre_row is not None and pre_metrics is None:  # every variant was kept from an earlier run
             pre_metrics = evaluate_requests(model.params, model.config, model.tokenizer, scored, pre=pre,
                                             styles=styles).pre
@@ -261,7 +264,8 @@ class Job:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # the line being written when the run was killed
                 continue
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+        if is_primary():
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         return {row["run"]: row for row in rows}
 
     def perplexity(self, params) -> float | None:
@@ -295,9 +299,10 @@ class Job:
             "notes": list(notes),
             "plots": [Path(p).name for p in plots],
         }
-        write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results["rows"], columns)
-        write_text_atomic(self.run_dir / "report.md", self._report(table, descriptions, columns, plots, notes))
+        if is_primary():
+            write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            write_text_atomic(self.run_dir / "report.md", self._report(table, descriptions, columns, plots, notes))
         print(table)
         print(f"run directory: {self.run_dir}")
 
