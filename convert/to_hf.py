@@ -53,9 +53,9 @@ Layout = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
 
 def to_host(x: Any) -> np.ndarray:
-    """One tensor as a host numpy array, gathered first if it is sharded over devices or hosts.
+    """One tensor as a host numpy array, gathered first if it is sharded over this host's devices.
 
-    A tensor split over several hosts needs every process to gather it (``gather_across_hosts``).
+    A tensor split over several hosts is refused: every process must gather it (``gather_across_hosts``).
     """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if not x.is_fully_replicated:

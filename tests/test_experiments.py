@@ -133,6 +133,7 @@ def test_edit_cli_takes_neighbour_subjects_for_the_subject_scoped_null_space(tin
         (["--set", "pipeline='zz'"], "EditConfig.pipeline='zz'; valid: bf, df"),
         (["--set", "lr=abc"], "EditConfig.lr must be a number, got 'abc'"),
         (["--set", "packing=false"], "EditConfig.packing must be True or False, got 'false'"),
+        (["--set", "layers=2.5"], "EditConfig.layers must be an int or a list of ints, got 2.5"),
         (["--preserve-prompts", str(ROOT / "experiments" / "data" / "preserve_facts.txt")],
          "--preserve/--preserve-prompts need the null space: add --set null_space_tol=1e-3"),
     ],

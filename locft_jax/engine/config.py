@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 PIPELINES = ("bf", "df")
@@ -91,7 +92,8 @@ class EditConfig:
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             object.__setattr__(self, "layers", (self.layers,))
         elif self.layers is not None:
-            if isinstance(self.layers, str | bytes) or not all(_is_int(x) for x in self.layers):
+            listed = isinstance(self.layers, Iterable) and not isinstance(self.layers, str | bytes)
+            if not listed or not all(_is_int(x) for x in self.layers):
                 raise ValueError(f"EditConfig.layers must be an int or a list of ints, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         for name in ("epochs", "batch_size", "max_length", "model_parallel", "check_every"):
