@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,7 @@ def run_edit_job(
         )
     except BaseException:
         if primary and not resume and latest_state(run_dir / "checkpoints") is None:
-            # failed before its first checkpoint (a bad record, layer, ...): nothing to resume, so
-            # the directory is left empty and the corrected command can use it again
-            (run_dir / "config.json").unlink(missing_ok=True)
+            _clear_failed_start(run_dir)
         raise
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
     evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests))
@@ -117,6 +116,18 @@ def run_edit_job(
         hf_dir = run_dir / "hf"
         export_hf(result.params, model.config, model.tokenizer, hf_dir, overwrite=resume)
     return JobResult(result, evaluation, run_dir, hf_dir)
+
+
+def _clear_failed_start(run_dir: Path) -> None:
+    """Empty the (new, so empty before) run directory of a run that failed before its first checkpoint.
+
+    A bad record or layer, or a first checkpoint that could not be saved: there is nothing to resume,
+    so the config, the epoch-0 log line and any partial checkpoint go, and the corrected command
+    can use the directory again.
+    """
+    (run_dir / "config.json").unlink(missing_ok=True)
+    (run_dir / "log.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def report_markdown(job: dict[str, Any], config: EditConfig, result: EditResult, evaluation: EvalResult) -> str:

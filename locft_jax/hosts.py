@@ -22,9 +22,10 @@ def init_distributed() -> None:
 
     ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID`` set by hand or by a launcher; or ``LOCFT_MULTIHOST=1`` where JAX detects
-    the cluster itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes). Neither set: a no-op.
+    the cluster itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes). Neither set (or
+    ``LOCFT_MULTIHOST=0``): a no-op.
     """
-    if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LOCFT_MULTIHOST")):
+    if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or _switched_on("LOCFT_MULTIHOST")):
         return
     counts = {}
     for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
@@ -34,6 +35,16 @@ def init_distributed() -> None:
             except ValueError:
                 raise ValueError(f"{env}={value!r} is not an integer") from None
     jax.distributed.initialize(**counts)
+
+
+def _switched_on(env: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty is off."""
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{env}={os.environ[env]!r}: use 1 (on) or 0 (off)")
 
 
 def is_primary() -> bool:

@@ -171,3 +171,21 @@ def test_edit_cli_rejects_a_bad_general_facts_file_before_any_output(tiny_llama_
     assert code == 2
     assert "record 1: missing field 'prompt'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_run_whose_first_checkpoint_fails_leaves_its_directory_reusable(tiny_llama_dir, tmp_path, monkeypatch):
+    from locft_jax.engine import checkpoint
+
+    def disk_full(root, epoch, *args):
+        (Path(root) / f"partial-{epoch}").mkdir(parents=True)  # what an interrupted save may leave
+        raise OSError("No space left on device")
+
+    command = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2", "--epochs", "2",
+               "--general-facts", "", "--out", str(tmp_path / "r")]
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_state", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            main(command)
+    assert not any((tmp_path / "r").iterdir())  # the epoch-0 log line and the partial checkpoint are gone too
+    assert main(command) == 0  # so the same command runs again in the same directory
+    assert len((tmp_path / "r" / "log.jsonl").read_text().splitlines()) == 2

@@ -101,3 +101,25 @@ def test_a_bad_process_count_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypa
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     assert main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("value, joins", [("0", False), ("off", False), ("", False), ("1", True), ("True", True)])
+def test_locft_multihost_is_an_on_off_switch(monkeypatch, value, joins):
+    from locft_jax import hosts
+
+    calls = []
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("LOCFT_MULTIHOST", value)
+    monkeypatch.setattr(hosts.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    hosts.init_distributed()
+    assert calls == ([{}] if joins else [])
+
+
+def test_a_bad_multihost_switch_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from experiments.run import main
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("LOCFT_MULTIHOST", "maybe")
+    assert main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--out", str(tmp_path / "x")]) == 2
+    assert "LOCFT_MULTIHOST='maybe': use 1 (on) or 0 (off)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
