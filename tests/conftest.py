@@ -26,3 +26,28 @@ def tiny_model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("llama-only"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M through our GGUF loader, on one device (not one copy per simulated
+    device: eight on two cores make its slow tests several times slower). Loaded once per session."""
+    from convert.embedded import smollm2_gguf_path
+    from locft_jax import load_model
+    from tests.test_engine import ONE_DEVICE
+
+    return load_model(smollm2_gguf_path(), mesh=ONE_DEVICE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The same model through transformers' own GGUF loader: the independent reference."""
+    import torch
+    import transformers
+
+    from convert.embedded import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()

@@ -314,12 +314,9 @@ def test_atomic_dir_overwrite_replaces_only_on_success(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_export(tmp_path_factory):
-    from convert.embedded import smollm2_gguf_path
-
-    one_device = make_mesh(devices=jax.devices()[:1])  # not one copy per simulated device
-    ours = load_model(smollm2_gguf_path(), mesh=one_device)
-    return ours, export_hf(ours.params, ours.config, ours.tokenizer, tmp_path_factory.mktemp("smollm2") / "hf")
+def smollm2_export(smollm2, tmp_path_factory):
+    m = smollm2
+    return m, export_hf(m.params, m.config, m.tokenizer, tmp_path_factory.mktemp("smollm2") / "hf")
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from locft_jax.evaluate.edits import KINDS, Probe, _metrics
 from locft_jax.evaluate.fluency import n_gram_entropy_of
 from locft_jax.generate import truncate_at_stops
 from locft_jax.requests import EditRequest
-from tests.test_generate import hf_greedy, smollm2
+from tests.test_generate import hf_greedy
 
 DATA = Path(__file__).parent / "data" / "capability"
 
@@ -449,18 +449,18 @@ SMOL_REQUESTS = [
 
 
 @pytest.mark.slow
-def test_smollm2_metrics_equal_transformers():
-    smol = smollm2()
+def test_smollm2_metrics_equal_transformers(smollm2, smollm2_hf):
     styles = ("teacher_forced", "generation")
-    result = evaluate_requests(smol.params, smol.config, smol.tokenizer, SMOL_REQUESTS, pre=smol.params, styles=styles)
-    want = easyedit_metrics(smol.hf, smol.hf, smol.tokenizer, SMOL_REQUESTS)
+    m = smollm2
+    result = evaluate_requests(m.params, m.config, m.tokenizer, SMOL_REQUESTS, pre=m.params, styles=styles)
+    want = easyedit_metrics(smollm2_hf, smollm2_hf, smollm2.tokenizer, SMOL_REQUESTS)
     got = {k: m.value for k, m in result.post.items() if k.startswith("teacher_forced/")}
     assert got == pytest.approx(want, abs=1e-12)
     assert result.post["teacher_forced/locality"].value == result.post["generation/locality"].value == 1.0
     probes = [p for row in result.per_request for p in row["probes"]]
     decoded = [
-        smol.tokenizer.decode(t, skip_special_tokens=True)
-        for t in hf_greedy(smol.hf, smol.tokenizer, [p["prompt"] for p in probes], 32)
+        smollm2.tokenizer.decode(t, skip_special_tokens=True)
+        for t in hf_greedy(smollm2_hf, smollm2.tokenizer, [p["prompt"] for p in probes], 32)
     ]
     assert [p["post_answer"] for p in probes] == [truncate_at_stops(t, (".", "\n")) for t in decoded]
     # The real model knows some of the unrelated facts; none changes without an edit.

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,7 +12,6 @@ import torch
 import transformers
 
 from locft_jax import generate, load_model
-from locft_jax.config import ModelConfig
 from locft_jax.generate import eos_ids, generate_greedy, generate_ids, stop_token_mask, truncate_at_stops
 
 PROMPTS = [
@@ -138,42 +135,16 @@ def test_zero_new_tokens_and_empty_input(tiny_llama_dir):
 
 # --- SmolLM2-135M-Instruct, the embedded real model -------------------------------------------
 
-GGUF_READER = Path(__file__).resolve().parents[1] / "convert" / "gguf_reader.py"
-
-
-class Smol(NamedTuple):
-    params: Any
-    config: ModelConfig
-    tokenizer: Any
-    hf: Any
-
-
-@functools.cache
-def smollm2() -> Smol:
-    """SmolLM2 through ``load_model(gguf)``, and through transformers as the reference."""
-    if not GGUF_READER.exists():
-        pytest.skip("convert/gguf_reader.py (load_model for .gguf) is not written yet")
-    from convert.embedded import smollm2_gguf_path
-
-    path = smollm2_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    m = load_model(path)
-    return Smol(m.params, m.config, m.tokenizer, hf)
-
-
 @pytest.mark.slow
-def test_smollm2_greedy_matches_transformers():
-    smol = smollm2()
-    got = ours_greedy(smol, SMOL_PROMPTS, max_new_tokens=32, batch_size=8)
-    want = hf_greedy(smol.hf, smol.tokenizer, SMOL_PROMPTS, 32)
+def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf):
+    got = ours_greedy(smollm2, SMOL_PROMPTS, max_new_tokens=32, batch_size=8)
+    want = hf_greedy(smollm2_hf, smollm2.tokenizer, SMOL_PROMPTS, 32)
     assert sum(g == w for g, w in zip(got, want, strict=True)) == len(SMOL_PROMPTS), [
-        (p, smol.tokenizer.decode(g), smol.tokenizer.decode(w))
+        (p, smollm2.tokenizer.decode(g), smollm2.tokenizer.decode(w))
         for p, g, w in zip(SMOL_PROMPTS, got, want, strict=True)
         if g != w
     ]
-    texts = generate_greedy(smol.params, smol.config, smol.tokenizer, SMOL_PROMPTS, 32, batch_size=8)
-    decoded = [smol.tokenizer.decode(w, skip_special_tokens=True) for w in want]
+    texts = generate_greedy(smollm2.params, smollm2.config, smollm2.tokenizer, SMOL_PROMPTS, 32, batch_size=8)
+    decoded = [smollm2.tokenizer.decode(w, skip_special_tokens=True) for w in want]
     assert texts == [truncate_at_stops(t, (".", "\n")) for t in decoded]
     assert np.mean([len(t) > 0 for t in texts]) > 0.5

@@ -17,7 +17,6 @@ from convert.embedded import smollm2_gguf_path
 from convert.errors import CheckpointError
 from convert.gguf_reader import _LAYER_NAMES, open_gguf
 from convert.patch import same_bits
-from locft_jax import load_model
 from locft_jax import model as model_lib
 from locft_jax.loading import params_from_tensors
 from locft_jax.sharding import make_mesh
@@ -35,32 +34,19 @@ def one_device():
 # ----------------------------------------------------------------------------- embedded SmolLM2
 
 
-@pytest.fixture(scope="module")
-def ours():
-    return load_model(smollm2_gguf_path(), mesh=one_device())
-
-
-@pytest.fixture(scope="module")
-def theirs():
-    path = smollm2_gguf_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-
-
 @pytest.mark.slow
-def test_smollm2_tensors_and_config_equal_transformers_gguf_loader(ours, theirs):
+def test_smollm2_tensors_and_config_equal_transformers_gguf_loader(smollm2, smollm2_hf):
     ckpt = open_gguf(smollm2_gguf_path())
-    state = theirs.state_dict()
-    assert ours.config.tie_word_embeddings and "lm_head.weight" not in ckpt.tensors.names()
+    state = smollm2_hf.state_dict()
+    assert smollm2.config.tie_word_embeddings and "lm_head.weight" not in ckpt.tensors.names()
     for name in ckpt.tensors.names():
         assert same_bits(ckpt.tensors.read(name), state[name].numpy()), name
-    want = theirs.config.to_dict()
-    for key, value in ours.config.to_hf_config().items():
+    want = smollm2_hf.config.to_dict()
+    for key, value in smollm2.config.to_hf_config().items():
         if key not in ("architectures", "rope_theta"):
             assert want[key] == value, key
-    assert want["rope_parameters"]["rope_theta"] == ours.config.rope_theta == 100000.0
-    assert (ours.config.num_key_value_heads, ours.config.max_position_embeddings) == (3, 8192)
+    assert want["rope_parameters"]["rope_theta"] == smollm2.config.rope_theta == 100000.0
+    assert (smollm2.config.num_key_value_heads, smollm2.config.max_position_embeddings) == (3, 8192)
 
 
 def left_padded(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,13 +57,13 @@ def left_padded(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndar
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers(ours, theirs):
-    rows = ours.tokenizer(PROMPTS)["input_ids"]
+def test_smollm2_logits_match_transformers(smollm2, smollm2_hf):
+    rows = smollm2.tokenizer(PROMPTS)["input_ids"]
     ids, mask = left_padded(rows, max(map(len, rows)))  # one batch: one compilation
-    got = np.asarray(ours.logits(ids, mask))
+    got = np.asarray(smollm2.logits(ids, mask))
     positions = np.asarray(model_lib.positions_from_mask(mask))
     with torch.no_grad():
-        want = theirs(
+        want = smollm2_hf(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(mask),
             position_ids=torch.tensor(positions),
@@ -88,22 +74,22 @@ def test_smollm2_logits_match_transformers(ours, theirs):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_continuation_matches_generate(ours, theirs):
+def test_smollm2_greedy_continuation_matches_generate(smollm2, smollm2_hf):
     new_tokens = 12
-    prompt = ours.tokenizer(["The capital of France is"], return_tensors="np")["input_ids"][0].tolist()
+    prompt = smollm2.tokenizer(["The capital of France is"], return_tensors="np")["input_ids"][0].tolist()
     with torch.no_grad():
-        want = theirs.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :]
+        want = smollm2_hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :]
 
     # Left-pad to one fixed length so the forward pass compiles once, not once per step.
     total = len(prompt) + new_tokens
     seq = list(prompt)
     for _ in range(new_tokens):
         ids, mask = left_padded([seq], total)
-        seq.append(int(np.argmax(np.asarray(ours.logits(ids, mask))[0, -1])))
-        if seq[-1] == ours.config.eos_token_id:
+        seq.append(int(np.argmax(np.asarray(smollm2.logits(ids, mask))[0, -1])))
+        if seq[-1] == smollm2.config.eos_token_id:
             break
     assert seq[len(prompt) :] == want.tolist()
-    assert "Paris" in ours.tokenizer.decode(seq[len(prompt) :])
+    assert "Paris" in smollm2.tokenizer.decode(seq[len(prompt) :])
 
 
 def test_embedded_path_and_missing_package_error(monkeypatch):

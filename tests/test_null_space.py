@@ -169,17 +169,16 @@ def test_subject_scope_needs_the_null_space_subjects_and_names_a_record_without_
 
 
 @pytest.fixture(scope="module")
-def smollm2_capitals():
+def smollm2_capitals(smollm2):
     """The real model, 16 capital counterfactuals, their pre-edit snapshot, and 50 neighbours + general text."""
     from pathlib import Path
 
-    from convert.embedded import smollm2_gguf_path
     from locft_jax.augment import preserve_texts, retain_requests
     from locft_jax.data import load_requests, load_texts
     from locft_jax.evaluate import snapshot
 
     data = Path(__file__).parents[1] / "experiments" / "data"
-    model = load_model(smollm2_gguf_path(), mesh=ONE_DEVICE)
+    model = smollm2
     records = load_requests(data / "country_capitals.json").requests
     edits = records[:16]
     held_out = {p for r in edits for p in r.locality_prompts}

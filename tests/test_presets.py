@@ -43,16 +43,8 @@ def test_the_subject_scoped_preset_is_the_measured_recipe_and_is_only_chosen_by_
     assert preset_for(smol) == "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    """The embedded SmolLM2-135M, loaded once for the slow tests of this module."""
-    from experiments.pipeline import load_job_model
-
-    return load_job_model(None)
-
-
 @pytest.mark.slow
-def test_smollm2_preset_makes_50_real_counterfactuals_stick(embedded):
+def test_smollm2_preset_makes_50_real_counterfactuals_stick(smollm2):
     """Issue 3's reliability bar on the embedded model: ≥ 95% greedy exact match on 50 capital edits."""
     from experiments.cli_options import DEFAULT_DATA
     from locft_jax.data import load_requests
@@ -61,7 +53,7 @@ def test_smollm2_preset_makes_50_real_counterfactuals_stick(embedded):
     from locft_jax.generate import generate_greedy
     from tests.test_engine import ONE_DEVICE
 
-    model = embedded
+    model = smollm2
     requests = load_requests(DEFAULT_DATA, limit=50).requests
     config = edit_config(model.config)
     assert preset_for(model.config) == "smollm2-135m" and config.layers == (25,) and config.module == "mlp"
@@ -74,7 +66,7 @@ def test_smollm2_preset_makes_50_real_counterfactuals_stick(embedded):
 
 
 @pytest.mark.slow
-def test_smollm2_preset_beats_the_papers_recipe_on_locality_and_generalization(embedded):
+def test_smollm2_preset_beats_the_papers_recipe_on_locality_and_generalization(smollm2):
     """Issue 7's check on a small fixed set: the preset (layer 25 MLP) vs the paper's down_proj at layer 20.
 
     Measured (16 capital edits, teacher-forced): locality 36.1% vs 30.6%, generalization 75.0% vs 51.6%.
@@ -85,7 +77,7 @@ def test_smollm2_preset_beats_the_papers_recipe_on_locality_and_generalization(e
     from locft_jax.evaluate import evaluate_requests, snapshot
     from tests.test_engine import ONE_DEVICE
 
-    model = embedded
+    model = smollm2
     requests = load_requests(DEFAULT_DATA, limit=16).requests
     pre = snapshot(model.params, model.config, model.tokenizer, requests, ("teacher_forced",))
     scores = {}
