@@ -50,7 +50,8 @@ def _retain_only_loss(tiny, trainable, head_chunk):  # noqa: F811
     batch["valid"] = jnp.ones(len(rows), bool)
     location = resolve_location(tiny.config, (2,), "mlp_down")
     spec = StepSpec(tiny.config, location, None, 0.0, 0.0, head_chunk)
-    loss, grads = jax.value_and_grad(batch_loss)(trainable, tiny.params, spec, batch, jnp.asarray(soft))
+    loss, grads = jax.jit(jax.value_and_grad(batch_loss), static_argnums=2)(
+        trainable, tiny.params, spec, batch, jnp.asarray(soft))
     return loss, grads[NAME], ds, rows
 
 
@@ -63,12 +64,13 @@ def test_kl_retain_loss_is_zero_at_the_unedited_weights_and_the_kl_after_a_chang
     changed = base + 0.3 * jax.random.normal(jax.random.key(0), base.shape)
     loss, grad, ds, rows = _retain_only_loss(tiny, {NAME: changed}, head_chunk)
     edited = merge(tiny.params, {NAME: changed})
+    logits = jax.jit(M.logits, static_argnums=1)
     kl = []
     for row in rows:  # the explicit KL from full logits, mean over the row's answer positions
         ids, mask = jnp.asarray(ds.ids[row : row + 1]), jnp.asarray(ds.mask[row : row + 1])
         pos = ds.target_pos[row][ds.target_mask[row]]
-        before = jax.nn.log_softmax(M.logits(tiny.params, tiny.config, ids, mask)[0, pos])
-        after = jax.nn.log_softmax(M.logits(edited, tiny.config, ids, mask)[0, pos])
+        before = jax.nn.log_softmax(logits(tiny.params, tiny.config, ids, mask)[0, pos])
+        after = jax.nn.log_softmax(logits(edited, tiny.config, ids, mask)[0, pos])
         kl.append(float((jnp.exp(before) * (before - after)).sum(-1).mean()))
     # the loss is a cross-entropy minus an entropy (each ~ log V): float32 leaves ~1e-6 absolute
     assert float(loss) == pytest.approx(np.mean(kl), rel=1e-3, abs=2e-6)
