@@ -189,14 +189,26 @@ def smollm2_capitals(smollm2):
     return model, edits, preserve, pre
 
 
-def _teacher_forced_scores(setup, runs) -> dict[str, dict[str, float]]:
+LAYER3 = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
+
+
+def _trained(setup, config: EditConfig):
+    model, edits, preserve, _ = setup
+    return edit(model, edits, config, preserve=preserve if config.null_space_tol > 0 else (), mesh=ONE_DEVICE)
+
+
+@pytest.fixture(scope="module")
+def layer3_plain(smollm2_capitals):
+    """The plain recipe at layer 3 on the 16 edits: the baseline of two tests below, trained once."""
+    return _trained(smollm2_capitals, LAYER3)
+
+
+def _teacher_forced_scores(setup, results) -> dict[str, dict[str, float]]:
     from locft_jax.evaluate import evaluate_requests
 
-    model, edits, preserve, pre = setup
+    model, edits, _, pre = setup
     scores = {}
-    for name, config in runs.items():
-        texts = preserve if config.null_space_tol > 0 else ()
-        result = edit(model, edits, config, preserve=texts, mesh=ONE_DEVICE)
+    for name, result in results.items():
         post = evaluate_requests(result.params, model.config, model.tokenizer, edits, pre=pre,
                                  styles=("teacher_forced",)).post
         scores[name] = {k: post[f"teacher_forced/{k}"].value for k in ("reliability", "locality")}
@@ -204,10 +216,10 @@ def _teacher_forced_scores(setup, runs) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm2(smollm2_capitals):
+def test_null_space_keeps_neighbour_facts_better_than_the_plain_recipe_on_smollm2(smollm2_capitals, layer3_plain):
     """Issue 7's check on the real model: 16 capital counterfactuals, layer 3, same training."""
-    cfg = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
-    scores = _teacher_forced_scores(smollm2_capitals, {"plain": cfg, "null-space": cfg.replace(null_space_tol=1e-3)})
+    null_space = _trained(smollm2_capitals, LAYER3.replace(null_space_tol=1e-3))
+    scores = _teacher_forced_scores(smollm2_capitals, {"plain": layer3_plain, "null-space": null_space})
     assert scores["null-space"]["locality"] > scores["plain"]["locality"] + 0.15, scores
     assert scores["null-space"]["reliability"] >= 0.7, scores
 
@@ -217,14 +229,15 @@ def test_soft_null_space_keeps_neighbour_facts_better_at_the_preset_location_on_
     """The smollm2-135m preset's location (layer 25 MLP), plain vs soft null space, same training."""
     cfg = EditConfig(layers=(25,), module="mlp", lr=1e-3, batch_size=8, epochs=40)
     soft = cfg.replace(null_space_tol=1e-2, null_space_mode="soft")
-    scores = _teacher_forced_scores(smollm2_capitals, {"plain": cfg, "soft": soft})
+    scores = _teacher_forced_scores(smollm2_capitals, {name: _trained(smollm2_capitals, c)
+                                                       for name, c in (("plain", cfg), ("soft", soft))})
     # measured 2026-11-23: teacher-forced locality 36.1% -> 58.3%, reliability 100% in both
     assert scores["soft"]["locality"] > scores["plain"]["locality"] + 0.10, scores
     assert scores["soft"]["reliability"] >= 0.95, scores
 
 
 @pytest.mark.slow
-def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2_capitals):
+def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2_capitals, layer3_plain):
     """16 capital counterfactuals at layer 3, plain vs subject scope (50 other records' subjects kept)."""
     from pathlib import Path
 
@@ -236,11 +249,11 @@ def test_subject_scoped_null_space_keeps_the_known_neighbours_on_smollm2(smollm2
     records = load_requests(Path(__file__).parents[1] / "experiments" / "data" / "country_capitals.json").requests
     neighbours = records[16:66]  # the scored locality prompts are of countries outside the records
     pre = snapshot(model.params, model.config, model.tokenizer, edits, ("generation",))
-    cfg = EditConfig(layers=(3,), lr=1e-2, batch_size=8, epochs=40)
-    runs = {"plain": (cfg, ()), "subject": (cfg.replace(null_space_tol=1e-3, null_space_scope="subject"), neighbours)}
+    subject = LAYER3.replace(null_space_tol=1e-3, null_space_scope="subject")
+    scoped = edit(model, edits, subject, preserve_subjects=neighbours, mesh=ONE_DEVICE)
+    runs = {"plain": layer3_plain, "subject": scoped}
     scores = {}
-    for name, (config, subjects) in runs.items():
-        result = edit(model, edits, config, preserve_subjects=subjects, mesh=ONE_DEVICE)
+    for name, result in runs.items():
         post = evaluate_requests(result.params, model.config, model.tokenizer, edits, pre=pre,
                                  styles=("generation",)).post
         scores[name] = {k: post[f"generation/{k}"].value for k in ("reliability", "locality_retained")}
