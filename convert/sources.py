@@ -28,6 +28,10 @@ class Checkpoint:
     tokenizer_kwargs: dict[str, Any]
 
     def load_tokenizer(self) -> Any:
+        if "gguf_file" in self.tokenizer_kwargs:  # converted by transformers once, then from a cache
+            from convert.tokenizer_cache import gguf_tokenizer
+
+            return gguf_tokenizer(self.tokenizer_path / self.tokenizer_kwargs["gguf_file"])
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.tokenizer_path), **self.tokenizer_kwargs)

@@ -17,6 +17,12 @@ import pytest
 from tests.tiny_models import FAMILIES, save_tiny_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _converted_files_cache(tmp_path_factory):
+    """Converted tokenizers go to the session's temp dir, not ``~/.cache`` (subprocesses inherit it)."""
+    os.environ["LOCFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("locft-cache"))
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny_model_dir(request, tmp_path_factory) -> Path:
     """An HF directory (config, safetensors, tokenizer) for each family's tiny random model."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ DATA = ROOT / "experiments" / "data" / "country_capitals.json"
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "LOCFT_CACHE_DIR": os.environ["LOCFT_CACHE_DIR"]}
     return subprocess.run([sys.executable, "-m", "experiments.run", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 

@@ -4,6 +4,8 @@ GGUF files (written here the way llama.cpp writes them) against the HF tensors t
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import shutil
 from pathlib import Path
 
 import gguf
@@ -90,6 +92,73 @@ def test_smollm2_greedy_continuation_matches_generate(smollm2, smollm2_hf):
             break
     assert seq[len(prompt) :] == want.tolist()
     assert "Paris" in smollm2.tokenizer.decode(seq[len(prompt) :])
+
+
+TOKENIZER_TEXTS = ["The capital of France is", " Paris<|im_end|>", "héllo wörld 123\n\n  x", "<|endoftext|>a", ""]
+
+
+def _same_tokenizer(got, want) -> None:
+    assert type(got) is type(want)
+    for text in TOKENIZER_TEXTS:
+        assert got(text)["input_ids"] == want(text)["input_ids"], text
+        assert got.decode(want(text)["input_ids"]) == want.decode(want(text)["input_ids"])
+    for side in ("left", "right"):
+        got.padding_side = want.padding_side = side
+        assert got(TOKENIZER_TEXTS, padding=True)["input_ids"] == want(TOKENIZER_TEXTS, padding=True)["input_ids"]
+    assert [got.bos_token_id, got.eos_token_id, got.pad_token_id, got.unk_token_id, len(got)] == [
+        want.bos_token_id, want.eos_token_id, want.pad_token_id, want.unk_token_id, len(want)]
+    chat = [{"role": "user", "content": "Hi"}]
+    assert got.apply_chat_template(chat, tokenize=False) == want.apply_chat_template(chat, tokenize=False)
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The cached tokenizer is transformers' own conversion, saved; a changed file is converted again."""
+    from convert.tokenizer_cache import gguf_tokenizer
+
+    monkeypatch.setenv("LOCFT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(smollm2_gguf_path(), path)
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    first = open_gguf(path).load_tokenizer()  # converts, then saves
+    entries = sorted((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")  # complete, no temp dir left
+
+    convert = transformers.AutoTokenizer.from_pretrained
+
+    def no_conversion(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the cache should have been used"
+        return convert(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
+        second = gguf_tokenizer(path)
+    _same_tokenizer(first, want)
+    _same_tokenizer(second, want)
+
+    os.utime(path, ns=(0, 0))  # a changed file (same name) is another key
+    _same_tokenizer(gguf_tokenizer(path), want)
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+
+
+@pytest.mark.parametrize("cache", ["", "a file, not a directory"])
+def test_gguf_tokenizer_without_a_usable_cache_is_converted_each_time(tmp_path, monkeypatch, cache):
+    from convert import tokenizer_cache
+
+    if cache:
+        (tmp_path / "cache").write_text(cache)
+    monkeypatch.setenv("LOCFT_CACHE_DIR", cache and str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: calls.append(kw) or _Saves())
+    tokenizer_cache.gguf_tokenizer(smollm2_gguf_path())
+    tokenizer_cache.gguf_tokenizer(smollm2_gguf_path())
+    assert calls == [{"gguf_file": smollm2_gguf_path().name}] * 2
+    assert not cache or (tmp_path / "cache").read_text() == cache
+
+
+class _Saves:
+    def save_pretrained(self, directory: str) -> None:
+        (Path(directory) / "tokenizer.json").write_text("{}")
 
 
 def test_embedded_path_and_missing_package_error(monkeypatch):
