@@ -86,6 +86,7 @@ def run_edit_job(
     answers in ``general_facts.jsonl``).
     """
     primary = is_primary()  # multi-host: every process computes, process 0 writes
+    created = [run_dir / name for name in ("config.json", "log.jsonl", "checkpoints") if not (run_dir / name).exists()]
     if primary:
         write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
     pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
@@ -97,7 +98,7 @@ def run_edit_job(
         )
     except BaseException:
         if primary and not resume and latest_state(run_dir / "checkpoints") is None:
-            _clear_failed_start(run_dir)
+            _clear_failed_start(created)
         raise
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
     evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests))
@@ -118,16 +119,18 @@ def run_edit_job(
     return JobResult(result, evaluation, run_dir, hf_dir)
 
 
-def _clear_failed_start(run_dir: Path) -> None:
-    """Empty the (new, so empty before) run directory of a run that failed before its first checkpoint.
+def _clear_failed_start(created: list[Path]) -> None:
+    """Remove what a run that failed before its first checkpoint wrote (of ``created``: paths absent before it).
 
     A bad record or layer, or a first checkpoint that could not be saved: there is nothing to resume,
     so the config, the epoch-0 log line and any partial checkpoint go, and the corrected command
     can use the directory again.
     """
-    (run_dir / "config.json").unlink(missing_ok=True)
-    (run_dir / "log.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for path in created:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def report_markdown(job: dict[str, Any], config: EditConfig, result: EditResult, evaluation: EvalResult) -> str:

@@ -191,3 +191,20 @@ def test_a_run_whose_first_checkpoint_fails_leaves_its_directory_reusable(tiny_l
     assert not any((tmp_path / "r").iterdir())  # the epoch-0 log line and the partial checkpoint are gone too
     assert main(command) == 0  # so the same command runs again in the same directory
     assert len((tmp_path / "r" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_failed_start_removes_only_what_the_run_wrote(tiny_llama_dir, tmp_path):
+    """run_edit_job called by a library user on a directory with files of their own: those stay."""
+    from experiments.pipeline import run_edit_job
+    from locft_jax.data import load_requests
+    from locft_jax.engine import EditConfig, LocationError
+
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text("my own log\n")
+    (run_dir / "notes.txt").write_text("keep me")
+    model = load_model(tiny_llama_dir)
+    with pytest.raises(LocationError):
+        run_edit_job(model, load_requests(DATA, limit=2).requests, EditConfig(layers=(99,)), run_dir, job={})
+    assert sorted(p.name for p in run_dir.iterdir()) == ["log.jsonl", "notes.txt"]
+    assert (run_dir / "log.jsonl").read_text() == "my own log\n"
