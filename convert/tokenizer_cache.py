@@ -52,6 +52,7 @@ def _save(tokenizer: Any, cached: Path) -> None:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache entry is as readable as the file it came from
         tokenizer.save_pretrained(str(tmp))
         os.rename(tmp, cached)  # fails if another process got there first: its copy is as good
     except OSError:

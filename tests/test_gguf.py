@@ -123,6 +123,7 @@ def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, mon
     first = open_gguf(path).load_tokenizer()  # converts, then saves
     entries = sorted((tmp_path / "cache" / "tokenizers").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # complete, no temp dir left
+    assert entries[0].stat().st_mode & 0o777 == 0o755
 
     convert = transformers.AutoTokenizer.from_pretrained
 
