@@ -6,7 +6,8 @@ projections of llama-architecture models in its interleaved RoPE layout; ``read`
 so the params use HF's half-split layout like every other source. The config dict reproduces the
 one transformers builds for ``from_pretrained(dir, gguf_file=name)``, so an export of these
 weights loads in transformers as the same model. The tokenizer comes from transformers' own
-GGUF tokenizer conversion (which needs torch installed, as transformers' GGUF support does).
+GGUF tokenizer conversion (which needs torch installed, as transformers' GGUF support does), done
+once per file and then read from disk (``convert.tokenizer_cache``).
 """
 
 from __future__ import annotations
