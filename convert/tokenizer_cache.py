@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from convert.atomic import atomic_output_dir
+from convert.errors import CheckpointError
 
 CACHE_ENV = "LOCFT_CACHE_DIR"
 
@@ -48,15 +49,8 @@ def gguf_tokenizer(path: str | Path) -> Any:
 
 
 def _save(tokenizer: Any, cached: Path) -> None:
-    tmp = None
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a cache entry is as readable as the file it came from
-        tokenizer.save_pretrained(str(tmp))
-        os.rename(tmp, cached)  # fails if another process got there first: its copy is as good
-    except OSError:
-        pass  # read-only or full disk: no cache, same tokenizer
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_output_dir(cached) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    except (OSError, CheckpointError):
+        pass  # read-only or full disk, or another process saved it first: same tokenizer either way
