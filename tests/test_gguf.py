@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import gguf
-import jax
 import numpy as np
 import pytest
 import torch
@@ -21,16 +20,12 @@ from convert.gguf_reader import _LAYER_NAMES, open_gguf
 from convert.patch import same_bits
 from locft_jax import model as model_lib
 from locft_jax.loading import params_from_tensors
-from locft_jax.sharding import make_mesh
+from tests.test_engine import ONE_DEVICE
 from tests.tiny_models import build_tiny_model
 
 PROMPTS = ["The capital of France is", "Hi", "A longer prompt about the Eiffel tower, in Paris."]
 _GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _GGUF_LAYER = {hf: gg for gg, hf in _LAYER_NAMES.items()}
-
-
-def one_device():
-    return make_mesh(devices=jax.devices()[:1])  # not one model copy per simulated CPU device
 
 
 # ----------------------------------------------------------------------------- embedded SmolLM2
@@ -249,7 +244,7 @@ def test_synthetic_gguf_matches_transformers_gguf_loader(family, tmp_path):
     state = theirs.state_dict()
     for name in ckpt.tensors.names():
         assert same_bits(ckpt.tensors.read(name), state[name].numpy()), name
-    params = params_from_tensors(ckpt.config, ckpt.tensors.read, ckpt.tensors.names(), mesh=one_device())
+    params = params_from_tensors(ckpt.config, ckpt.tensors.read, ckpt.tensors.names(), mesh=ONE_DEVICE)
     ids = np.array([[5, 17, 99, 3, 250, 42, 7]])
     with torch.no_grad():
         want = theirs.eval()(torch.tensor(ids)).logits.numpy()
