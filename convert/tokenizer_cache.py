@@ -7,13 +7,15 @@ else ``~/.cache/locft-jax``, beside the XLA compile cache; ``LOCFT_CACHE_DIR=''`
 KEY hashes the file's resolved path, size and modification time and the transformers version, so a
 changed file or a new converter is converted again. The directory appears complete or not at all
 (written beside it, then renamed), and a cache that cannot be written is skipped: the converted
-tokenizer is returned either way.
+tokenizer is returned either way. An entry that no longer loads (damaged or edited after it was
+written) is converted again and replaced, with a warning naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +42,23 @@ def gguf_tokenizer(path: str | Path) -> Any:
     root = cache_root()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     cached = root / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:20] if root else None
+    damaged = False
     if cached is not None and (cached / "tokenizer.json").is_file():
-        return transformers.AutoTokenizer.from_pretrained(str(cached))
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(cached))
+        except Exception as err:  # noqa: BLE001 - any failure to read it means: convert again
+            damaged = True
+            warnings.warn(f"tokenizer cache entry {cached} does not load ({type(err).__name__}: {err}); "
+                          "converting the GGUF tokenizer again and replacing the entry", stacklevel=2)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if cached is not None:
-        _save(tokenizer, cached)
+        _save(tokenizer, cached, replace=damaged)
     return tokenizer
 
 
-def _save(tokenizer: Any, cached: Path) -> None:
+def _save(tokenizer: Any, cached: Path, replace: bool) -> None:
     try:
-        with atomic_output_dir(cached) as tmp:
+        with atomic_output_dir(cached, overwrite=replace) as tmp:
             tokenizer.save_pretrained(str(tmp))
     except (OSError, CheckpointError):
         pass  # read-only or full disk, or another process saved it first: same tokenizer either way

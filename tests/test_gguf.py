@@ -108,7 +108,8 @@ def _same_tokenizer(got, want) -> None:
 
 @pytest.mark.slow
 def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    """The cached tokenizer is transformers' own conversion, saved; a changed file is converted again."""
+    """The cached tokenizer is transformers' own conversion, saved; a damaged entry is replaced, a changed
+    file converted again."""
     from convert.tokenizer_cache import gguf_tokenizer
 
     monkeypatch.setenv("LOCFT_CACHE_DIR", str(tmp_path / "cache"))
@@ -131,6 +132,14 @@ def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, mon
         second = gguf_tokenizer(path)
     _same_tokenizer(first, want)
     _same_tokenizer(second, want)
+
+    (entries[0] / "tokenizer.json").write_text('{"truncated":')  # damaged after it was written
+    with pytest.warns(UserWarning, match=f"{entries[0]}.*converting the GGUF tokenizer again"):
+        _same_tokenizer(gguf_tokenizer(path), want)
+    with monkeypatch.context() as patch:  # the entry was replaced by a whole one
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
+        _same_tokenizer(gguf_tokenizer(path), want)
+    assert sorted((tmp_path / "cache" / "tokenizers").iterdir()) == entries  # no temp or old dir left
 
     os.utime(path, ns=(0, 0))  # a changed file (same name) is another key
     _same_tokenizer(gguf_tokenizer(path), want)
