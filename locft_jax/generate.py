@@ -1,12 +1,15 @@
-"""Batched greedy generation with a KV cache, in fixed shape buckets.
+"""Greedy generation with a KV cache and continuous batching, in fixed shapes.
 
-Prompts are left-padded to a length bucket (``tokens.bucket``) and batches are padded to a fixed
-``batch_size``, so scoring thousands of prompts compiles ``_generate_batch`` once per prompt
-bucket met, not once per batch. The prompt is prefilled in one pass; then a ``while_loop`` decodes
-one token per step and exits early once every row has stopped.
+A fixed number of *slots* (``batch_size``; fewer for a short list) decode one token each per step. When a row stops, its
+slot is refilled with the next prompt, so a batch does not wait for its longest continuation:
+answers of 2–30 tokens cost about their own length, not the batch's longest. Slots hold prompts
+left-padded to ``P`` (the bucket of the call's longest prompt) plus ``max_new_tokens`` cache slots;
+new prompts are prefilled ``batch_size // 4`` at a time, each group padded to its own length
+bucket, so a call compiles the decode loop once and the prefill once per prompt bucket met.
 
 Numerics follow ``transformers`` ``generate(do_sample=False)``: positions start at 0 at each row's
-first real token (``model.positions_from_mask``) and grow by one per generated token.
+first real token (``model.positions_from_mask``) and grow by one per generated token; a row's
+result does not depend on which other rows share its steps.
 
 Stopping: a row stops at EOS, or at a token whose text contains a one-character stop string
 (``"."``, ``"\\n"``); the decoded text is then cut before the first stop string. Stopping on the
@@ -21,18 +24,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from locft_jax import model as model_lib
 from locft_jax.config import ModelConfig
 from locft_jax.model import Context, Params
+from locft_jax.sharding import replicated
 from locft_jax.tokens import DEFAULT_BUCKETS, bucket, encode_prompt
 
 DEFAULT_STOP_AT = (".", "\n")
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = 64
+MIN_SLOTS = 8
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values, ``[B, S, kv_heads, head_dim]`` with ``S = prompt + new``."""
+    """One layer's keys and values, ``[B, S, kv_heads, head_dim]``."""
 
     k: jax.Array
     v: jax.Array
@@ -41,17 +47,17 @@ class KVCache(NamedTuple):
 def cached_decoder_layer(
     p: Params, h: jax.Array, ctx: Context, config: ModelConfig, cache: KVCache, write_at: jax.Array
 ) -> tuple[jax.Array, KVCache]:
-    """A decoder layer for ``h: [B, T, D]`` that stores its k, v at cache slot ``write_at``.
+    """A decoder layer for ``h: [B, T, D]`` that stores row b's k, v at cache slots ``write_at[b] + t``.
 
     Queries attend over the whole cache through ``ctx.mask: [B, 1, 1, T, S]``; the layer math is
     ``model``'s (``project_qkv``, ``attention_scores_to_output``, ``mlp_block``).
     """
     x = model_lib.rms_norm(h, p["input_layernorm"]["weight"], config.rms_norm_eps)
     q, k, v = model_lib.project_qkv(p["self_attn"], x, ctx, config)
-    start = (0, write_at, 0, 0)
+    rows = jnp.arange(h.shape[0])[:, None]
+    cols = write_at[:, None] + jnp.arange(h.shape[1])
     cache = KVCache(
-        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+        cache.k.at[rows, cols].set(k.astype(cache.k.dtype)), cache.v.at[rows, cols].set(v.astype(cache.v.dtype))
     )
     out = model_lib.attention_scores_to_output(q, cache.k, cache.v, ctx.mask)
     h = h + model_lib.linear(out.reshape(*h.shape[:2], -1), p["self_attn"]["o_proj"])
@@ -64,7 +70,7 @@ def _forward_cached(
     ids: jax.Array,
     ctx: Context,
     caches: tuple[KVCache, ...],
-    write_at: Any,
+    write_at: jax.Array,
 ) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """Greedy next token after the last position of ``ids: [B, T]``, updating every layer's cache."""
     h = model_lib.embed(params, ids)
@@ -77,61 +83,111 @@ def _forward_cached(
     return next_token, tuple(new_caches)
 
 
-@jax.jit(static_argnames=("config", "max_new_tokens"))
-def _generate_batch(
-    params: Params,
-    config: ModelConfig,
-    ids: jax.Array,
-    mask: jax.Array,
-    active: jax.Array,
-    stop_mask: jax.Array,
-    max_new_tokens: int,
-) -> jax.Array:
-    """Greedy tokens ``[B, max_new_tokens]`` for left-padded ``ids``/``mask: [B, P]``.
+class Slots(NamedTuple):
+    """The decoder's device state: ``B`` slots, each one prompt's cache and its answer so far."""
 
-    ``active: [B]`` marks real rows (padding rows start stopped); ``stop_mask: [V]`` marks stop
-    tokens. After a row's stop token the row holds 0s (callers cut at the stop token).
-    """
-    b, p = ids.shape
-    s = p + max_new_tokens
+    caches: tuple[KVCache, ...]  # per layer [B, S, kv_heads, head_dim], S = P + max_new_tokens
+    prompt_keys: jax.Array  # [B, P] bool: the slot's prompt tokens, left-padded to P
+    prompt_len: jax.Array  # [B] int32
+    count: jax.Array  # [B] int32: tokens generated so far
+    done: jax.Array  # [B] bool: stopped (or never filled)
+    out: jax.Array  # [B, max_new_tokens] int32: the tokens generated, up to the stop token
+
+
+def empty_slots(params: Params, config: ModelConfig, batch_size: int, prompt_len: int, max_new_tokens: int) -> Slots:
+    """``batch_size`` stopped slots for prompts of up to ``prompt_len`` tokens, replicated over the
+    params' mesh when they have one (placed as ``_start``'s and ``_decode``'s outputs are, so each
+    compiles once for both)."""
     dtype = params["model"]["embed_tokens"]["weight"].dtype
-    shape = (b, s, config.num_key_value_heads, config.head_dim)
+    shape = (batch_size, prompt_len + max_new_tokens, config.num_key_value_heads, config.head_dim)
     layers = params["model"]["layers"]
-    caches = tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers)
+    slots = Slots(
+        caches=tuple(KVCache(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in layers),
+        prompt_keys=np.zeros((batch_size, prompt_len), bool),
+        prompt_len=np.zeros(batch_size, np.int32),
+        count=np.zeros(batch_size, np.int32),
+        done=np.ones(batch_size, bool),
+        out=np.zeros((batch_size, max_new_tokens), np.int32),
+    )
+    sharding = params["model"]["embed_tokens"]["weight"].sharding
+    return jax.device_put(slots, replicated(sharding.mesh) if isinstance(sharding, NamedSharding) else sharding)
 
+
+@jax.jit(static_argnames=("config",))
+def _prefill(
+    params: Params, config: ModelConfig, ids: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """First greedy token ``[R]`` and the caches ``[R, Q, ...]`` of left-padded prompts ``ids``/``mask: [R, Q]``."""
+    r, q = ids.shape
+    dtype = params["model"]["embed_tokens"]["weight"].dtype
+    shape = (r, q, config.num_key_value_heads, config.head_dim)
+    fresh = tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in params["model"]["layers"])
     ctx = model_lib.make_context(config, mask)
-    # The prompt's [P, P] causal+padding mask, widened to the cache's S keys (the rest still empty).
-    ctx = ctx._replace(mask=jnp.pad(ctx.mask, ((0, 0), (0, 0), (0, 0), (0, 0), (0, max_new_tokens))))
-    first, caches = _forward_cached(params, config, ids, ctx, caches, 0)
-    done = ~active | stop_mask[first]
-    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    prompt_len = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    prompt_keys = mask.astype(bool)
+    return _forward_cached(params, config, ids, ctx, fresh, jnp.zeros(r, jnp.int32))
 
-    def cond(state: tuple) -> jax.Array:
-        step, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
 
-    def body(state: tuple) -> tuple:
-        step, token, caches, done, out = state
-        # The token generated at step-1 sits at cache slot p+step-1, position prompt_len+step-1.
-        gen_keys = jnp.arange(max_new_tokens) < step
-        keys = jnp.concatenate([prompt_keys, jnp.broadcast_to(gen_keys, (b, max_new_tokens))], axis=-1)
-        positions = (prompt_len + step - 1)[:, None]
-        step_ctx = model_lib.make_context(config, jnp.ones((b, 1), bool), positions)
-        step_ctx = step_ctx._replace(mask=keys[:, None, None, None, :])
-        nxt, caches = _forward_cached(params, config, token[:, None], step_ctx, caches, p + step - 1)
-        nxt = jnp.where(done, 0, nxt)
-        out = out.at[:, step].set(nxt)
-        return step + 1, nxt, caches, done | stop_mask[nxt], out
+@jax.jit(donate_argnames=("slots",))
+def _start(
+    slots: Slots, rows: jax.Array, mask: jax.Array, first: jax.Array, caches: tuple[KVCache, ...], stop_mask: jax.Array
+) -> Slots:
+    """Put prefilled prompts (``mask: [R, Q]``, Q ≤ P) into slots ``rows: [R]``; row index ``B`` is dropped.
 
-    state = (jnp.int32(1), first, caches, done, out)
-    return jax.lax.while_loop(cond, body, state)[-1]
+    The prompt's keys land at cache slots ``P - Q .. P - 1``, so every prompt ends at slot ``P - 1``.
+    """
+    r, q = mask.shape
+    p = slots.prompt_keys.shape[1]
+    max_new = slots.out.shape[1]
+
+    def place(buf: jax.Array, new: jax.Array) -> jax.Array:
+        return buf.at[rows, p - q : p].set(new, mode="drop")
+
+    keys = jnp.zeros((r, p), bool).at[:, p - q :].set(mask)
+    return Slots(
+        caches=tuple(KVCache(place(c.k, n.k), place(c.v, n.v)) for c, n in zip(slots.caches, caches, strict=True)),
+        prompt_keys=slots.prompt_keys.at[rows].set(keys, mode="drop"),
+        prompt_len=slots.prompt_len.at[rows].set(jnp.sum(mask, axis=-1, dtype=jnp.int32), mode="drop"),
+        count=slots.count.at[rows].set(1, mode="drop"),
+        done=slots.done.at[rows].set(stop_mask[first] | (max_new == 1), mode="drop"),
+        out=slots.out.at[rows].set(jnp.zeros((r, max_new), jnp.int32).at[:, 0].set(first), mode="drop"),
+    )
+
+
+@jax.jit(static_argnames=("config",), donate_argnames=("slots",))
+def _decode(params: Params, config: ModelConfig, slots: Slots, stop_mask: jax.Array, until_done: jax.Array) -> Slots:
+    """Decode one token per live slot per step until ``until_done`` slots have stopped (or all have).
+
+    The token generated last in slot b (its ``count - 1``-th) is fed at position
+    ``prompt_len + count - 1`` and cached at slot ``P + count - 1``.
+    """
+    b, p = slots.prompt_keys.shape
+    max_new = slots.out.shape[1]
+    rows = jnp.arange(b)
+    generated = jnp.arange(max_new)
+
+    def cond(state: tuple[Slots, jax.Array]) -> jax.Array:
+        s, steps = state
+        return (steps < max_new) & (jnp.sum(s.done) < until_done)
+
+    def body(state: tuple[Slots, jax.Array]) -> tuple[Slots, jax.Array]:
+        s, steps = state
+        live = ~s.done
+        token = s.out[rows, jnp.maximum(s.count - 1, 0)]
+        keys = jnp.concatenate([s.prompt_keys, generated[None, :] < s.count[:, None]], axis=-1)
+        ctx = model_lib.make_context(config, jnp.ones((b, 1), bool), (s.prompt_len + s.count - 1)[:, None])
+        ctx = ctx._replace(mask=keys[:, None, None, None, :])
+        nxt, caches = _forward_cached(params, config, token[:, None], ctx, s.caches, p + s.count - 1)
+        out = s.out.at[rows, jnp.where(live, s.count, max_new)].set(nxt, mode="drop")
+        count = s.count + live
+        done = s.done | stop_mask[nxt] | (count >= max_new)
+        return Slots(caches, s.prompt_keys, s.prompt_len, count, done, out), steps + 1
+
+    return jax.lax.while_loop(cond, body, (slots, jnp.int32(0)))[0]
 
 
 def compile_count() -> int:
-    """How many shapes ``_generate_batch`` has compiled for (tests: no recompile per batch)."""
-    return _generate_batch._cache_size()
+    """How many shapes the model-running steps (prefill, decode) have compiled for (tests: no
+    recompile per batch). ``_start``, a scatter of new rows into the slots, is not counted."""
+    return _prefill._cache_size() + _decode._cache_size()
 
 
 # (id(tokenizer), vocab, eos, chars) -> (tokenizer, mask): decoding a whole vocabulary takes ~1 s.
@@ -159,11 +215,6 @@ def stop_token_mask(
     return mask
 
 
-def _cut_at_stop(tokens: np.ndarray, stop_mask: np.ndarray) -> list[int]:
-    hits = np.flatnonzero(stop_mask[tokens])
-    return tokens[: hits[0] + 1 if hits.size else len(tokens)].tolist()
-
-
 def generate_ids(
     params: Params,
     config: ModelConfig,
@@ -176,31 +227,64 @@ def generate_ids(
 ) -> list[list[int]]:
     """Greedy continuations (token ids, up to and including the first stop token) per prompt.
 
-    Prompts are sorted by length so each batch uses a tight bucket; results keep input order.
+    ``batch_size`` slots decode together (fewer for fewer prompts: the power of two that holds them,
+    at least ``MIN_SLOTS``); a slot whose row stopped takes the next prompt (shortest first, so each
+    prefill group of ``batch_size // 4`` is tightly padded). Results keep input order.
     """
     if max_new_tokens < 1 or not prompt_ids:
         return [[] for _ in prompt_ids]
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError(f"empty prompt at index {next(i for i, p in enumerate(prompt_ids) if not p)}")
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results: list[list[int]] = [[] for _ in prompt_ids]
+    pending = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    batch_size = min(batch_size, max(MIN_SLOTS, 1 << (len(prompt_ids) - 1).bit_length()))
+    group = max(1, batch_size // 4)
+    p = bucket(len(prompt_ids[pending[-1]]), buckets)
+    slots = empty_slots(params, config, batch_size, p, max_new_tokens)
     stop = jnp.asarray(stop_mask)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        p = bucket(max(len(prompt_ids[i]) for i in rows), buckets)
-        ids = np.full((batch_size, p), pad_id, dtype=np.int32)
-        mask = np.zeros((batch_size, p), dtype=bool)
-        mask[:, -1] = True  # padding rows get one visible token, so no attention row is empty
-        active = np.zeros(batch_size, dtype=bool)
-        for r, i in enumerate(rows):
-            seq = prompt_ids[i]
-            ids[r, p - len(seq) :] = seq
-            mask[r, p - len(seq) :] = True
-            active[r] = True
-        out = np.asarray(_generate_batch(params, config, ids, mask, active, stop, max_new_tokens))
-        for r, i in enumerate(rows):
-            results[i] = _cut_at_stop(out[r], stop_mask)
-    return results
+    held = np.full(batch_size, -1)  # the prompt index each slot holds, -1 when free
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    while True:
+        free = np.flatnonzero(held < 0)
+        while pending and len(free) >= min(group, len(pending)):
+            take, pending = pending[:group], pending[group:]
+            rows, ids, mask = _prefill_rows(prompt_ids, take, free, group, batch_size, pad_id, buckets)
+            slots = _start(slots, rows, mask, *_prefill(params, config, ids, mask), stop)
+            held[free[: len(take)]] = take
+            free = free[len(take) :]
+        if not pending and (held < 0).all():
+            return results
+        until = min(group, len(pending)) if pending else batch_size
+        slots = _decode(params, config, slots, stop, jnp.int32(until))
+        done, count, out = jax.device_get((slots.done, slots.count, slots.out))
+        for slot in np.flatnonzero(done & (held >= 0)):
+            results[held[slot]] = out[slot, : count[slot]].tolist()
+            held[slot] = -1
+
+
+def _prefill_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    take: list[int],
+    free: np.ndarray,
+    group: int,
+    batch_size: int,
+    pad_id: int,
+    buckets: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slot indices ``[group]`` and left-padded ``ids``/``mask`` for the prompts ``take``.
+
+    Missing rows go to slot ``batch_size`` (dropped) with one visible token, so no attention row is empty.
+    """
+    q = bucket(max(len(prompt_ids[i]) for i in take), buckets)
+    rows = np.full(group, batch_size, dtype=np.int32)
+    rows[: len(take)] = free[: len(take)]
+    ids = np.full((group, q), pad_id, dtype=np.int32)
+    mask = np.zeros((group, q), dtype=bool)
+    mask[:, -1] = True
+    for r, i in enumerate(take):
+        seq = prompt_ids[i]
+        ids[r, q - len(seq) :] = seq
+        mask[r, q - len(seq) :] = True
+    return rows, ids, mask
 
 
 def truncate_at_stops(text: str, stop_at: Sequence[str]) -> str:

@@ -100,14 +100,31 @@ def test_stop_token_ends_a_row_and_others_go_on(tiny_llama_dir):
         assert g == (f[: f.index(stop_id) + 1] if stop_id in f else f)
 
 
-def test_no_recompile_per_batch_within_a_bucket(tiny_llama_dir):
+def test_compiles_per_prompt_bucket_not_per_batch(tiny_llama_dir):
+    """A call compiles the decode loop once and the prefill once per prompt bucket; the same buckets
+    in other calls, batches and orders compile nothing."""
     ours = load_model(tiny_llama_dir)
-    ours_greedy(ours, PROMPTS[:1], max_new_tokens=5)
-    before = generate.compile_count()
-    for chunk in ([PROMPTS[1]], PROMPTS[:3], PROMPTS[2:], PROMPTS * 2):  # all within the 16/32/64 buckets
-        ours_greedy(ours, chunk, max_new_tokens=5)
     buckets = {generate.bucket(len(ours.tokenizer(p)["input_ids"])) for p in PROMPTS}
-    assert generate.compile_count() - before <= len(buckets) - 1
+    before = generate.compile_count()
+    ours_greedy(ours, PROMPTS * 3, max_new_tokens=5)  # 18 prompts through 4 slots, prefilled one by one
+    assert generate.compile_count() - before <= 1 + len(buckets)
+    before = generate.compile_count()
+    for chunk in (PROMPTS[::-1], PROMPTS * 2, PROMPTS[:2] + PROMPTS[2:] * 3):  # the same longest prompt
+        ours_greedy(ours, chunk, max_new_tokens=5)
+    assert generate.compile_count() == before
+
+
+def test_continuous_batching_gives_each_prompt_its_own_answer(tiny_llama_dir):
+    """Slots refilled mid-run (stop tokens end rows early) give the answers of one-prompt calls."""
+    ours = load_model(tiny_llama_dir)
+    full = ours_greedy(ours, PROMPTS, 10)
+    stop_ids = [full[0][2], full[1][6]]
+    stop = stop_token_mask(ours.config.vocab_size, stop_ids)
+    ids = [ours.tokenizer(p)["input_ids"] for p in PROMPTS * 4]
+    got = generate_ids(ours.params, ours.config, ids, stop, 10, batch_size=8)
+    alone = [generate_ids(ours.params, ours.config, [i], stop, 10, batch_size=1)[0] for i in ids[: len(PROMPTS)]]
+    assert got == alone * 4
+    assert len({len(g) for g in got}) > 2, "rows must stop at different steps"
 
 
 def test_bfloat16_params_generate_with_a_bfloat16_cache(tiny_llama_dir):
@@ -134,6 +151,7 @@ def test_zero_new_tokens_and_empty_input(tiny_llama_dir):
 
 
 # --- SmolLM2-135M-Instruct, the embedded real model -------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf):
