@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.bench import common, roofline, torch_reference
+from experiments.bench import generate as generate_bench
 from experiments.run import main
 from locft_jax.engine import EditConfig, edit
 from locft_jax.loading import load_model
@@ -89,6 +90,21 @@ def test_scale_runs_each_size_in_its_own_process(tiny_llama_dir, tmp_path):
     assert small["ms_per_edit_epoch_steady"] > 0 and large["ms_per_edit_epoch_steady"] is None  # 1 epoch
     assert all(r["peak_device_bytes"] is None for r in runs)  # CPU reports no device memory
     assert "| 16 | 1 |" in (out / "table.md").read_text()
+
+
+def test_generate_compares_with_transformers_on_the_scoring_prompts(tiny_llama_dir, tmp_path):
+    out = tmp_path / "generate"
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "The chemical symbol for gold is", "answer": "Au"}]))
+    argv = ["bench", "generate", "--model", str(tiny_llama_dir), "--edits", "3", "--facts", str(facts),
+            "--max-new-tokens", "6", "--slots", "4", "--torch-batch", "4", "--repeats", "1", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    # 3 records: each an edit prompt, rephrases and locality prompts; then the fact
+    assert results["prompts"] == len(generate_bench.scoring_prompts(3, str(facts))) > 4
+    assert results["same_tokens_as_torch"] == 1.0  # float32: transformers' greedy ids, prompt by prompt
+    assert results["medians"]["jax"]["tokens"] == results["medians"]["torch"]["tokens"] > 0
+    assert "× transformers" in (out / "table.md").read_text()
 
 
 def test_edit_flops_counts_by_hand():

@@ -1,4 +1,4 @@
-"""``python -m experiments.run bench SUB ...``: speed, roofline, scale and devices benchmarks.
+"""``python -m experiments.run bench SUB ...``: speed, roofline, scale, devices and generate benchmarks.
 
 Each sub-command is a module of this package with ``add_arguments(parser)`` and ``run(args)``;
 each prints a markdown table and writes ``results.json`` (command, machine, date, versions).
@@ -15,6 +15,7 @@ SUB_COMMANDS = {
     "roofline": "FLOPs per edit-epoch, achieved FLOP/s, and the ratio to a measured matmul peak",
     "scale": "time per edit and peak host memory for 1K / 10K (/ 100K) synthetic edits",
     "devices": "1 vs 8 simulated CPU devices: equal trained weights, time",
+    "generate": "greedy scoring generation, locft-jax vs transformers generate: prompts/s, same tokens",
 }
 
 
