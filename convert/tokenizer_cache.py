@@ -43,8 +43,10 @@ def gguf_tokenizer(path: str | Path) -> Any:
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     cached = root / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:20] if root else None
     damaged = False
-    if cached is not None and (cached / "tokenizer.json").is_file():
+    if cached is not None and cached.exists():
         try:
+            if not (cached / "tokenizer.json").is_file():
+                raise FileNotFoundError("it has no tokenizer.json")
             return transformers.AutoTokenizer.from_pretrained(str(cached))
         except Exception as err:  # noqa: BLE001 - any failure to read it means: convert again
             damaged = True

@@ -140,6 +140,10 @@ def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, mon
         patch.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
         _same_tokenizer(gguf_tokenizer(path), want)
     assert sorted((tmp_path / "cache" / "tokenizers").iterdir()) == entries  # no temp or old dir left
+    (entries[0] / "tokenizer.json").unlink()  # an incomplete entry is replaced too
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        _same_tokenizer(gguf_tokenizer(path), want)
+    assert (entries[0] / "tokenizer.json").is_file()
 
     os.utime(path, ns=(0, 0))  # a changed file (same name) is another key
     _same_tokenizer(gguf_tokenizer(path), want)
