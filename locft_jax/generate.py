@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from locft_jax import model as model_lib
 from locft_jax.config import ModelConfig
 from locft_jax.model import Context, Params
-from locft_jax.sharding import replicated
+from locft_jax.sharding import DATA_AXIS
 from locft_jax.tokens import DEFAULT_BUCKETS, bucket, encode_prompt
 
 DEFAULT_STOP_AT = (".", "\n")
@@ -94,10 +95,21 @@ class Slots(NamedTuple):
     out: jax.Array  # [B, max_new_tokens] int32: the tokens generated, up to the stop token
 
 
-def empty_slots(params: Params, config: ModelConfig, batch_size: int, prompt_len: int, max_new_tokens: int) -> Slots:
-    """``batch_size`` stopped slots for prompts of up to ``prompt_len`` tokens, replicated over the
-    params' mesh when they have one (placed as ``_start``'s and ``_decode``'s outputs are, so each
-    compiles once for both)."""
+def slot_layout(params: Params, batch_size: int) -> tuple[int, Any, int]:
+    """``(slots, sharding, data)``: the slot count rounded up to a multiple of the params' mesh data
+    axis (``data`` devices), and the sharding that splits every slot array's leading dim over it —
+    each device decodes its own slots, as the train step splits a batch. One device: its own sharding."""
+    sharding = params["model"]["embed_tokens"]["weight"].sharding
+    if not isinstance(sharding, NamedSharding) or DATA_AXIS not in sharding.mesh.shape:
+        return batch_size, sharding, 1
+    data = sharding.mesh.shape[DATA_AXIS]
+    return -(-batch_size // data) * data, NamedSharding(sharding.mesh, PartitionSpec(DATA_AXIS)), data
+
+
+def empty_slots(
+    params: Params, config: ModelConfig, batch_size: int, prompt_len: int, max_new_tokens: int, sharding: Any
+) -> Slots:
+    """``batch_size`` stopped slots for prompts of up to ``prompt_len`` tokens, placed by ``sharding``."""
     dtype = params["model"]["embed_tokens"]["weight"].dtype
     shape = (batch_size, prompt_len + max_new_tokens, config.num_key_value_heads, config.head_dim)
     layers = params["model"]["layers"]
@@ -109,8 +121,7 @@ def empty_slots(params: Params, config: ModelConfig, batch_size: int, prompt_len
         done=np.ones(batch_size, bool),
         out=np.zeros((batch_size, max_new_tokens), np.int32),
     )
-    sharding = params["model"]["embed_tokens"]["weight"].sharding
-    return jax.device_put(slots, replicated(sharding.mesh) if isinstance(sharding, NamedSharding) else sharding)
+    return jax.device_put(slots, sharding)
 
 
 @jax.jit(static_argnames=("config",))
@@ -126,7 +137,6 @@ def _prefill(
     return _forward_cached(params, config, ids, ctx, fresh, jnp.zeros(r, jnp.int32))
 
 
-@jax.jit(donate_argnames=("slots",))
 def _start(
     slots: Slots, rows: jax.Array, mask: jax.Array, first: jax.Array, caches: tuple[KVCache, ...], stop_mask: jax.Array
 ) -> Slots:
@@ -152,7 +162,6 @@ def _start(
     )
 
 
-@jax.jit(static_argnames=("config",), donate_argnames=("slots",))
 def _decode(params: Params, config: ModelConfig, slots: Slots, stop_mask: jax.Array, until_done: jax.Array) -> Slots:
     """Decode one token per live slot per step until ``until_done`` slots have stopped (or all have).
 
@@ -184,10 +193,31 @@ def _decode(params: Params, config: ModelConfig, slots: Slots, stop_mask: jax.Ar
     return jax.lax.while_loop(cond, body, (slots, jnp.int32(0)))[0]
 
 
+_SLOT_STEPS: dict[Any, tuple[Any, Any]] = {}
+
+
+def _slot_steps(sharding: Any) -> tuple[Any, Any]:
+    """``_start`` and ``_decode`` jitted with their slots placed by ``sharding`` (so each compiles
+    once per shape, whichever of them produced the slots it is given)."""
+    if sharding not in _SLOT_STEPS:
+        _SLOT_STEPS[sharding] = (
+            jax.jit(_start, donate_argnames=("slots",), out_shardings=sharding),
+            jax.jit(_decode, static_argnames=("config",), donate_argnames=("slots",), out_shardings=sharding),
+        )
+    return _SLOT_STEPS[sharding]
+
+
 def compile_count() -> int:
     """How many shapes the model-running steps (prefill, decode) have compiled for (tests: no
     recompile per batch). ``_start``, a scatter of new rows into the slots, is not counted."""
-    return _prefill._cache_size() + _decode._cache_size()
+    return _prefill._cache_size() + sum(decode._cache_size() for _, decode in _SLOT_STEPS.values())
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A slot array on the host; split over several hosts, gathered (every process calls this)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # (id(tokenizer), vocab, eos, chars) -> (tokenizer, mask): decoding a whole vocabulary takes ~1 s.
@@ -237,9 +267,11 @@ def generate_ids(
         raise ValueError(f"empty prompt at index {next(i for i, p in enumerate(prompt_ids) if not p)}")
     pending = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batch_size = min(batch_size, max(MIN_SLOTS, 1 << (len(prompt_ids) - 1).bit_length()))
-    group = max(1, batch_size // 4)
+    batch_size, sharding, data = slot_layout(params, batch_size)
+    group = min(batch_size, -(-max(1, batch_size // 4) // data) * data)  # a multiple of the data axis
+    start, decode = _slot_steps(sharding)
     p = bucket(len(prompt_ids[pending[-1]]), buckets)
-    slots = empty_slots(params, config, batch_size, p, max_new_tokens)
+    slots = empty_slots(params, config, batch_size, p, max_new_tokens, sharding)
     stop = jnp.asarray(stop_mask)
     held = np.full(batch_size, -1)  # the prompt index each slot holds, -1 when free
     results: list[list[int]] = [[] for _ in prompt_ids]
@@ -248,14 +280,15 @@ def generate_ids(
         while pending and len(free) >= min(group, len(pending)):
             take, pending = pending[:group], pending[group:]
             rows, ids, mask = _prefill_rows(prompt_ids, take, free, group, batch_size, pad_id, buckets)
-            slots = _start(slots, rows, mask, *_prefill(params, config, ids, mask), stop)
+            ids, mask = jax.device_put((ids, mask), sharding)  # each device prefills its share
+            slots = start(slots, rows, mask, *_prefill(params, config, ids, mask), stop)
             held[free[: len(take)]] = take
             free = free[len(take) :]
         if not pending and (held < 0).all():
             return results
         until = min(group, len(pending)) if pending else batch_size
-        slots = _decode(params, config, slots, stop, jnp.int32(until))
-        done, count, out = jax.device_get((slots.done, slots.count, slots.out))
+        slots = decode(params, config, slots, stop, jnp.int32(until))
+        done, count, out = (_to_host(x) for x in (slots.done, slots.count, slots.out))
         for slot in np.flatnonzero(done & (held >= 0)):
             results[held[slot]] = out[slot, : count[slot]].tolist()
             held[slot] = -1
