@@ -24,13 +24,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from locft_jax import model as model_lib
 from locft_jax.config import ModelConfig
 from locft_jax.model import Context, Params
-from locft_jax.sharding import DATA_AXIS
+from locft_jax.sharding import host_array, rows_over_data
 from locft_jax.tokens import DEFAULT_BUCKETS, bucket, encode_prompt
 
 DEFAULT_STOP_AT = (".", "\n")
@@ -93,17 +91,6 @@ class Slots(NamedTuple):
     count: jax.Array  # [B] int32: tokens generated so far
     done: jax.Array  # [B] bool: stopped (or never filled)
     out: jax.Array  # [B, max_new_tokens] int32: the tokens generated, up to the stop token
-
-
-def slot_layout(params: Params, batch_size: int) -> tuple[int, Any, int]:
-    """``(slots, sharding, data)``: the slot count rounded up to a multiple of the params' mesh data
-    axis (``data`` devices), and the sharding that splits every slot array's leading dim over it —
-    each device decodes its own slots, as the train step splits a batch. One device: its own sharding."""
-    sharding = params["model"]["embed_tokens"]["weight"].sharding
-    if not isinstance(sharding, NamedSharding) or DATA_AXIS not in sharding.mesh.shape:
-        return batch_size, sharding, 1
-    data = sharding.mesh.shape[DATA_AXIS]
-    return -(-batch_size // data) * data, NamedSharding(sharding.mesh, PartitionSpec(DATA_AXIS)), data
 
 
 def empty_slots(
@@ -213,13 +200,6 @@ def compile_count() -> int:
     return _prefill._cache_size() + sum(decode._cache_size() for _, decode in _SLOT_STEPS.values())
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A slot array on the host; split over several hosts, gathered (every process calls this)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 # (id(tokenizer), vocab, eos, chars) -> (tokenizer, mask): decoding a whole vocabulary takes ~1 s.
 _STOP_MASKS: dict[tuple, tuple[Any, np.ndarray]] = {}
 
@@ -267,7 +247,7 @@ def generate_ids(
         raise ValueError(f"empty prompt at index {next(i for i, p in enumerate(prompt_ids) if not p)}")
     pending = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batch_size = min(batch_size, max(MIN_SLOTS, 1 << (len(prompt_ids) - 1).bit_length()))
-    batch_size, sharding, data = slot_layout(params, batch_size)
+    batch_size, sharding, data = rows_over_data(params, batch_size)  # each device decodes its own slots
     group = min(batch_size, -(-max(1, batch_size // 4) // data) * data)  # a multiple of the data axis
     start, decode = _slot_steps(sharding)
     p = bucket(len(prompt_ids[pending[-1]]), buckets)
@@ -288,7 +268,7 @@ def generate_ids(
             return results
         until = min(group, len(pending)) if pending else batch_size
         slots = decode(params, config, slots, stop, jnp.int32(until))
-        done, count, out = (_to_host(x) for x in (slots.done, slots.count, slots.out))
+        done, count, out = (host_array(x) for x in (slots.done, slots.count, slots.out))
         for slot in np.flatnonzero(done & (held >= 0)):
             results[held[slot]] = out[slot, : count[slot]].tolist()
             held[slot] = -1

@@ -75,3 +75,23 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def rows_over_data(params: Params, rows: int) -> tuple[int, jax.sharding.Sharding, int]:
+    """``(rows, sharding, data)`` for an evaluation batch on the devices holding ``params``: ``rows``
+    rounded up to a multiple of their mesh's data axis (``data`` devices) and the sharding that splits
+    a batch's leading dim over it, so each device scores its own rows (one device: its own sharding)."""
+    sharding = jax.tree.leaves(params)[0].sharding
+    if not isinstance(sharding, NamedSharding) or DATA_AXIS not in sharding.mesh.shape:
+        return rows, sharding, 1
+    data = sharding.mesh.shape[DATA_AXIS]
+    return -(-rows // data) * data, NamedSharding(sharding.mesh, PartitionSpec(DATA_AXIS)), data
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """``x`` as a numpy array; split over several hosts, gathered first (every process must call this)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -129,13 +129,14 @@ def test_slots_are_split_over_the_data_axis_with_the_same_answers(tiny_llama_dir
     answers equal a one-device run's."""
     from jax.sharding import PartitionSpec
 
+    from locft_jax.sharding import rows_over_data
     from tests.test_engine import ONE_DEVICE
 
     eight, one = load_model(tiny_llama_dir), load_model(tiny_llama_dir, mesh=ONE_DEVICE)
     assert jax.device_count() == 8
-    slots, sharding, data = generate.slot_layout(eight.params, 4)
+    slots, sharding, data = rows_over_data(eight.params, 4)
     assert (slots, data, sharding.spec) == (8, 8, PartitionSpec("data"))
-    assert generate.slot_layout(one.params, 4)[0::2] == (4, 1)
+    assert rows_over_data(one.params, 4)[0::2] == (4, 1)
     assert ours_greedy(eight, PROMPTS * 2, 8) == ours_greedy(one, PROMPTS * 2, 8)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from locft_jax import model as model_lib
 from locft_jax.config import ModelConfig
 from locft_jax.model import Params
+from locft_jax.sharding import host_array, rows_over_data
 from locft_jax.tokens import DEFAULT_BUCKETS, PromptTarget, bucket, encode_pairs, pad_target_batch
 
 DEFAULT_BATCH_SIZE = 16
@@ -67,8 +68,12 @@ def score_pairs(
     pad_id: int = 0,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
 ) -> list[TargetScore]:
-    """Score every pair's target tokens (``target_ids`` as given: add EOS or not before calling)."""
+    """Score every pair's target tokens (``target_ids`` as given: add EOS or not before calling).
+
+    Batches are split over the data axis of the params' mesh (``batch_size`` rounded up to it).
+    """
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].target_ids))
+    batch_size, sharding, _ = rows_over_data(params, batch_size)
     out: list[TargetScore] = [None] * len(pairs)  # type: ignore[list-item]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -78,8 +83,8 @@ def score_pairs(
         seq_len = bucket(max(len(p.prompt_ids) + len(p.target_ids) for p in chunk), buckets)
         target_len = bucket(max(len(p.target_ids) for p in chunk), TARGET_BUCKETS)
         batch = pad_target_batch(chunk, seq_len, target_len, pad_id)
-        pred, logprob = _score_batch(params, config, *batch[:3], batch.target_ids)
-        pred, logprob = np.asarray(pred), np.asarray(logprob)
+        arrays = jax.device_put((*batch[:3], batch.target_ids), sharding)  # each device its own rows
+        pred, logprob = (host_array(x) for x in _score_batch(params, config, *arrays))
         for r, i in enumerate(rows):
             n = len(pairs[i].target_ids)
             out[i] = TargetScore(np.asarray(pairs[i].target_ids), pred[r, :n], logprob[r, :n])
