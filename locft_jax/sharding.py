@@ -77,13 +77,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def rows_over_data(params: Params, rows: int) -> tuple[int, jax.sharding.Sharding, int]:
+def rows_over_data(params: Params, rows: int) -> tuple[int, jax.sharding.Sharding | None, int]:
     """``(rows, sharding, data)`` for an evaluation batch on the devices holding ``params``: ``rows``
     rounded up to a multiple of their mesh's data axis (``data`` devices) and the sharding that splits
-    a batch's leading dim over it, so each device scores its own rows (one device: its own sharding)."""
-    sharding = jax.tree.leaves(params)[0].sharding
-    if not isinstance(sharding, NamedSharding) or DATA_AXIS not in sharding.mesh.shape:
+    a batch's leading dim over it, so each device scores its own rows. A mesh without a data axis:
+    replicated on it; one device: its sharding; host arrays: ``None`` (JAX's default device)."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if not isinstance(sharding, NamedSharding):
         return rows, sharding, 1
+    if DATA_AXIS not in sharding.mesh.shape:
+        return rows, replicated(sharding.mesh), 1
     data = sharding.mesh.shape[DATA_AXIS]
     return -(-rows // data) * data, NamedSharding(sharding.mesh, PartitionSpec(DATA_AXIS)), data
 

@@ -126,7 +126,7 @@ def test_continuous_batching_gives_each_prompt_its_own_answer(tiny_llama_dir):
 
 def test_slots_are_split_over_the_data_axis_with_the_same_answers(tiny_llama_dir):
     """On the 8 simulated devices' mesh each device decodes its own slots (rounded up to 8); the
-    answers equal a one-device run's."""
+    answers equal a one-device run's, and a run from numpy params'."""
     from jax.sharding import PartitionSpec
 
     from locft_jax.sharding import rows_over_data
@@ -138,6 +138,11 @@ def test_slots_are_split_over_the_data_axis_with_the_same_answers(tiny_llama_dir
     assert (slots, data, sharding.spec) == (8, 8, PartitionSpec("data"))
     assert rows_over_data(one.params, 4)[0::2] == (4, 1)
     assert ours_greedy(eight, PROMPTS * 2, 8) == ours_greedy(one, PROMPTS * 2, 8)
+    host = jax.tree.map(np.asarray, one.params)  # numpy params: on JAX's default device
+    assert rows_over_data(host, 4) == (4, None, 1)
+    ids = [one.tokenizer(p)["input_ids"] for p in PROMPTS]
+    stop = stop_token_mask(one.config.vocab_size, eos_ids(one.config, one.tokenizer))
+    assert generate_ids(host, one.config, ids, stop, 8, 4) == ours_greedy(one, PROMPTS, 8)
 
 
 def test_bfloat16_params_generate_with_a_bfloat16_cache(tiny_llama_dir):
