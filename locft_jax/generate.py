@@ -225,6 +225,12 @@ def stop_token_mask(
     return mask
 
 
+def cut_at_stop(tokens: np.ndarray, stop_mask: np.ndarray) -> list[int]:
+    """``tokens`` up to and including the first stop token (``stop_mask: [V]``), as ``generate_ids`` returns them."""
+    hits = np.flatnonzero(stop_mask[tokens])
+    return tokens[: hits[0] + 1 if hits.size else len(tokens)].tolist()
+
+
 def generate_ids(
     params: Params,
     config: ModelConfig,

@@ -160,9 +160,7 @@ def torch_greedy(
                 stopping_criteria=transformers.StoppingCriteriaList([StopRows()]),
             )
         for r, i in enumerate(rows):
-            new = out[r, p:].numpy()
-            hits = np.flatnonzero(stop_mask[new])
-            results[i] = new[: hits[0] + 1 if hits.size else len(new)].tolist()
+            results[i] = generate.cut_at_stop(out[r, p:].numpy(), stop_mask)
     return results
 
 
