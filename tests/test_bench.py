@@ -105,6 +105,9 @@ def test_generate_compares_with_transformers_on_the_scoring_prompts(tiny_llama_d
     assert results["same_tokens_as_torch"] == 1.0  # float32: transformers' greedy ids, prompt by prompt
     assert results["medians"]["jax"]["tokens"] == results["medians"]["torch"]["tokens"] > 0
     assert "× transformers" in (out / "table.md").read_text()
+    empty = tmp_path / "empty"
+    assert main([*argv[:argv.index("--edits")], "--edits", "0", "--facts", "", "--out", str(empty)]) == 2
+    assert not empty.exists()  # nothing to time: a clear error, no results
 
 
 def test_edit_flops_counts_by_hand():

@@ -62,9 +62,11 @@ def scoring_prompts(n_records: int, facts_path: str) -> list[str]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    prompts = scoring_prompts(args.edits, args.facts)  # a bad --edits / --facts fails before the model loads
+    if not prompts:
+        raise ValueError("bench generate: no prompts to generate for (--edits 0 and --facts '')")
     mesh = common.single_device_mesh()
     model = common.load_bench_model(args, mesh)
-    prompts = scoring_prompts(args.edits, args.facts)
     ids = [encode_prompt(model.tokenizer, p) for p in prompts]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     stop = generate.stop_token_mask(
