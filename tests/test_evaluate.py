@@ -313,6 +313,8 @@ def test_write_report_files_are_well_formed(tmp_path, evaluated):
     result, _ = evaluated
     name = "capability/perplexity"
     result.add_metrics({name: Metric(12.5, 100, 3)}, {name: Metric(11.0, 100, 3)})
+    result.add_metrics({"update_action/edit_prompts": Metric(1.7, 2, 2),
+                        "update_action/locality_prompts": Metric(0.25, 3, 3)})
     paths = write_report(result, tmp_path / "report")
     data = json.loads(paths["metrics"].read_text())
     assert set(data) == {"settings", "post", "pre", "descriptions"}
@@ -333,6 +335,9 @@ def test_write_report_files_are_well_formed(tmp_path, evaluated):
     assert table.count("\n") == 2 + len(set(result.post) | set(result.pre))
     assert "| teacher_forced/locality | 100.0% |" in table
     assert "| capability/perplexity | 11 | 12.5 | 100 | 3 |" in table
+    # A ratio is a number whatever its size (0.25 is not "25%"); shares are percentages.
+    assert "| update_action/edit_prompts | – | 1.7 | 2 | 2 |" in table
+    assert "| update_action/locality_prompts | – | 0.25 | 3 | 3 |" in table
 
 
 # --- capability -------------------------------------------------------------------------------

@@ -30,6 +30,15 @@ def pooled(values: Sequence[float]) -> Metric:
     return Metric(float(np.mean(values)) if len(values) else None, len(values), len(values))
 
 
+# Metrics that are a quantity, not a share of prompts or tokens: reports print them as numbers.
+QUANTITIES = ("update_action/", "fluency/", "capability/perplexity")
+
+
+def is_share(name: str) -> bool:
+    """Whether metric ``name`` is a share in [0, 1] (shown as a percentage) rather than a quantity."""
+    return not name.startswith(QUANTITIES)
+
+
 # Shown next to each metric in reports: the teacher-forced and generation numbers differ a lot.
 LABELS = {
     "update_action/edit_prompts": "where the edit acts: largest per-token ‖ΔW k‖/‖W₀ k‖ on an edit prompt, mean",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from locft_jax.evaluate.edits import EvalResult
-from locft_jax.evaluate.metrics import LABELS, Metric
+from locft_jax.evaluate.metrics import LABELS, Metric, is_share
 from locft_jax.files import write_text_atomic
 
 
@@ -21,10 +21,10 @@ def metrics_json(result: EvalResult) -> dict:
     }
 
 
-def _cell(m: Metric | None) -> str:
+def _cell(name: str, m: Metric | None) -> str:
     if m is None or m.value is None:
         return "–"
-    return f"{m.value:.4g}" if m.value > 1 else f"{100 * m.value:.1f}%"
+    return f"{100 * m.value:.1f}%" if is_share(name) else f"{m.value:.4g}"
 
 
 def markdown_table(result: EvalResult) -> str:
@@ -37,7 +37,7 @@ def markdown_table(result: EvalResult) -> str:
     for name in sorted(set(result.post) | set(pre)):
         m = result.post.get(name) or pre[name]
         lines.append(
-            f"| {name} | {_cell(pre.get(name))} | {_cell(result.post.get(name))} | {m.count} | {m.prompts} "
+            f"| {name} | {_cell(name, pre.get(name))} | {_cell(name, result.post.get(name))} | {m.count} | {m.prompts} "
             f"| {LABELS.get(name, '')} |"
         )
     return "\n".join(lines) + "\n"
