@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from experiments.pipeline import EVAL_STYLES
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate.unrelated import Fact, load_facts
 
@@ -22,6 +23,22 @@ def add_model_data_options(parser: argparse.ArgumentParser, default_edits: int |
     parser.add_argument("--format", default="auto", help="data format (auto-detected by default)")
     parser.add_argument("--edits", type=int, default=default_edits, help="use the first N requests")
     parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """Which styles score the edits, and how many of the edited requests."""
+    parser.add_argument("--styles", nargs="+", default=list(EVAL_STYLES), choices=EVAL_STYLES,
+                        help="scoring styles (default: both)")
+    parser.add_argument("--eval-sample", type=positive_int,
+                        help="score a fixed-seed sample of at most N edited requests (default: all)")
 
 
 def add_facts_option(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from experiments.cli_options import (
     add_edit_options,
     add_facts_option,
     add_model_data_options,
+    add_scoring_options,
     edit_overrides,
     load_job_facts,
 )
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_data_options(parser)
     add_edit_options(parser)
     add_facts_option(parser)
+    add_scoring_options(parser)
     parser.add_argument("--out", help="run directory (default: runs/edit-<time>/)")
     parser.add_argument("--export-hf", action="store_true", help="write OUT/hf, a transformers checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         preserve += preserve_texts(retain_requests(model.params, model.config, model.tokenizer, preserve_prompts))
     out = run_edit_job(model, requests, config, run_dir, job=job, export=args.export_hf, resume=args.resume,
                        retain=retain, preserve=preserve, preserve_subjects=subjects,
-                       facts=facts)
+                       facts=facts, styles=tuple(args.styles), eval_limit=args.eval_sample)
     print(markdown_table(out.evaluation))
     print(f"run directory: {run_dir}")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from locft_jax import Model, load_model
 from locft_jax.data import load_requests
@@ -22,6 +23,17 @@ from locft_jax.hosts import barrier, is_primary, shared_timestamp
 from locft_jax.requests import EditRequest
 
 EVAL_STYLES = ("teacher_forced", "generation")
+EVAL_SAMPLE_SEED = 0
+
+
+def eval_sample(requests: list[EditRequest], limit: int | None) -> list[EditRequest]:
+    """At most ``limit`` of ``requests``, a fixed-seed sample kept in their order (all when ``limit`` is None)."""
+    if limit is None or limit >= len(requests):
+        return requests
+    if limit < 1:
+        raise ValueError(f"eval sample must be >= 1 request, got {limit}")
+    keep = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(len(requests), limit, replace=False))
+    return [requests[i] for i in keep]
 
 
 def new_run_dir(out: str | Path | None, name: str, resume: bool = False) -> Path:
@@ -73,6 +85,7 @@ def run_edit_job(
     export: bool = True,
     resume: bool = False,
     styles: tuple[str, ...] = EVAL_STYLES,
+    eval_limit: int | None = None,
     retain: list[EditRequest] | tuple = (),
     preserve: list[str] | tuple = (),
     preserve_subjects: list[EditRequest] | tuple = (),
@@ -83,13 +96,16 @@ def run_edit_job(
     ``retain`` / ``preserve`` / ``preserve_subjects``: passed to ``edit`` (retain rows; null-space
     texts; neighbours whose subjects the subject-scoped null space keeps). ``facts``: general facts
     scored before and after (``unrelated/*`` metrics; ``locft_jax.evaluate.unrelated``; each fact's
-    answers in ``general_facts.jsonl``).
+    answers in ``general_facts.jsonl``). ``eval_limit``: score a fixed-seed sample of at most this
+    many of the requests (``eval_sample``; all are edited), e.g. for runs of 100K edits.
     """
+    scored = eval_sample(requests, eval_limit)
+    job = {**job, "evaluated": len(scored)}
     primary = is_primary()  # multi-host: every process computes, process 0 writes
     created = [run_dir / name for name in ("config.json", "log.jsonl", "checkpoints") if not (run_dir / name).exists()]
     if primary:
         write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
-    pre = snapshot(model.params, model.config, model.tokenizer, requests, styles)
+    pre = snapshot(model.params, model.config, model.tokenizer, scored, styles)
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     try:
         result = edit(
@@ -100,8 +116,8 @@ def run_edit_job(
         if primary and not resume and latest_state(run_dir / "checkpoints") is None:
             _clear_failed_start(created)
         raise
-    evaluation = evaluate_requests(result.params, model.config, model.tokenizer, requests, pre=pre, styles=styles)
-    evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, requests))
+    evaluation = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre, styles=styles)
+    evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, scored))
     if pre_facts is not None:
         post_facts = fact_snapshot(result.params, model.config, model.tokenizer, facts)
         evaluation.add_metrics(unrelated_metrics(pre_facts, post_facts), unrelated_metrics(pre_facts, pre_facts))
@@ -135,10 +151,12 @@ def _clear_failed_start(created: list[Path]) -> None:
 
 def report_markdown(job: dict[str, Any], config: EditConfig, result: EditResult, evaluation: EvalResult) -> str:
     last = result.log[-1]
+    scored = job.get("evaluated", job.get("edits"))
+    sample = f", {scored} of them scored: a fixed-seed sample" if scored != job.get("edits") else ""
     return "\n".join([
         f"# Edit run: {job.get('name', 'edit')}",
         "",
-        f"- model: `{job.get('model')}`; data: `{job.get('data')}` ({job.get('edits')} edits)",
+        f"- model: `{job.get('model')}`; data: `{job.get('data')}` ({job.get('edits')} edits{sample})",
         f"- location: layers {list(result.location.layers)} / `{result.location.module}`; "
         f"lr {config.lr}, batch {config.batch_size}, epochs run {len(result.log)} of {config.epochs}",
         f"- final epoch loss {last['loss']:.4f}; train time {result.seconds:.1f} s; compiles {result.compiles}",

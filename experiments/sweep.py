@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from experiments.baselines.lora import LoraConfig, lora_edit
-from experiments.cli_options import add_edit_options, add_model_data_options, edit_overrides
-from experiments.pipeline import EVAL_STYLES, load_job_model, load_job_requests, new_run_dir
+from experiments.cli_options import add_edit_options, add_model_data_options, add_scoring_options, edit_overrides
+from experiments.pipeline import eval_sample, load_job_model, load_job_requests, new_run_dir
 from experiments.presets import edit_config
 from locft_jax.engine import EditConfig, EditResult, edit
 from locft_jax.evaluate import EvalResult, Metric, evaluate_requests, snapshot
@@ -42,7 +42,6 @@ from locft_jax.requests import EditRequest
 
 DEFAULT_CAPABILITY_TEXT = Path(__file__).parents[1] / "tests" / "data" / "capability" / "text.txt"
 SYNTHETIC_SEED = 0
-EVAL_SAMPLE_SEED = 0
 
 # result column → the evaluation metric it reports
 METRICS = {
@@ -85,13 +84,11 @@ def add_sweep_options(parser: argparse.ArgumentParser, default_edits: int | None
     parser.add_argument("--out", help="run directory (default: runs/<experiment>-<time>/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out: variants already in rows.jsonl are kept")
-    parser.add_argument("--styles", nargs="+", default=list(EVAL_STYLES), choices=EVAL_STYLES,
-                        help="scoring styles (default: both)")
     parser.add_argument("--capability-text", default=str(DEFAULT_CAPABILITY_TEXT),
                         help="text whose perplexity measures general capability ('' to skip)")
     parser.add_argument("--capability-window", type=int, default=512,
                         help="perplexity window in tokens (capped at the model's max positions)")
-    parser.add_argument("--eval-sample", type=int, help="score a fixed-seed sample of at most N edited requests")
+    add_scoring_options(parser)
 
 
 # ---------------------------------------------------------------- synthetic facts
@@ -136,14 +133,6 @@ def with_synthetic(requests: list[EditRequest], n: int, seed: int = SYNTHETIC_SE
     """``requests`` padded to ``n`` with ``synthetic_requests``; also returns how many were added."""
     extra = max(0, n - len(requests))
     return list(requests[:n]) + synthetic_requests(extra, seed), extra
-
-
-def eval_sample(requests: list[EditRequest], limit: int | None) -> list[EditRequest]:
-    """At most ``limit`` of ``requests``, a fixed-seed sample kept in their order."""
-    if not limit or limit >= len(requests):
-        return requests
-    keep = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(len(requests), limit, replace=False))
-    return [requests[i] for i in keep]
 
 
 # ---------------------------------------------------------------- running

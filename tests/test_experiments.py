@@ -15,6 +15,7 @@ import experiments.edit
 from experiments.cli_options import DEFAULT_FACTS
 from experiments.run import main
 from locft_jax import load_model
+from locft_jax.data import load_requests
 from locft_jax.evaluate import exact_match
 from locft_jax.evaluate.unrelated import load_facts
 from locft_jax.generate import generate_greedy
@@ -71,6 +72,29 @@ def test_edit_cli_writes_config_log_metrics_and_export(tiny_llama_dir, tmp_path)
     same = np.mean([exact_match(a["post_answer"], a["pre_answer"]) for a in answers])
     assert same == pytest.approx(metrics["post"]["unrelated/generation"]["value"])
     assert (out / "hf" / "model.safetensors").exists()
+
+
+def test_edit_cli_scores_a_fixed_sample_in_the_chosen_style(tiny_llama_dir, tmp_path, capsys):
+    """All requests are edited; --eval-sample N scores N of them (the same N each run), --styles picks how."""
+    args = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "6", "--layer", "2",
+            "--epochs", "1", "--general-facts", "", "--eval-sample", "4", "--styles", "teacher_forced"]
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert main([*args, "--out", str(out)]) == 0
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["post"]["teacher_forced/reliability"]["count"] == 4
+    assert metrics["post"]["update_action/edit_prompts"]["count"] == 4
+    assert not [name for name in metrics["post"] if name.startswith("generation/")]
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert (config["edits"], config["evaluated"]) == (6, 4)
+    assert "(6 edits, 4 of them scored: a fixed-seed sample)" in (runs[0] / "report.md").read_text()
+    scored = [[json.loads(line)["prompt"] for line in (out / "per_request.jsonl").read_text().splitlines()]
+              for out in runs]
+    edited = [r.prompt for r in load_requests(DATA, limit=6).requests]
+    assert scored[0] == scored[1] and len(scored[0]) == 4 and set(scored[0]) < set(edited)
+    with pytest.raises(SystemExit):
+        main([*args[:-4], "--eval-sample", "0", "--out", str(tmp_path / "c")])
+    assert "--eval-sample: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_edit_cli_takes_retain_prompts_and_null_space_texts(tiny_llama_dir, tmp_path, monkeypatch):
