@@ -92,6 +92,21 @@ def test_wikibigedit():
     assert third.portability_prompts == () and third.portability_answers == ()  # mhop: null
 
 
+def test_wikibigedit_release_keeps_the_persona_question():
+    # The released files (lukasthede/WikiBigEdit) add ``personas``: the question asked again in a
+    # persona's voice, answered by ``ans`` (EasyEdit scores it against target_new).
+    result = load_requests(DATA / "wikibigedit_release.json")
+    assert result.format == "wikibigedit"
+    mayor, goerlitz = result.requests
+    assert mayor.rephrase_prompts == (
+        "What role has Lindenau held, either now or in the past?",
+        "Arrr! What be the post that Lindenau be holdin', matey?",
+    )
+    assert (mayor.relation, mayor.portability_prompts) == ("position held", ())
+    assert goerlitz.rephrase_prompts[1] == "What job Jörg Brückner have in Görlitz?"
+    assert goerlitz.portability_answers == ("list of mayors of Görlitz",)
+
+
 def test_knowedit():
     result = load_requests(DATA / "knowedit.json")
     assert result.format == "knowedit"
@@ -107,6 +122,19 @@ def test_knowedit():
     assert zsre.ground_truth == "Aspidoceratidae"  # a list in the file
     assert zsre.locality_prompts == ("The taxon rank of Epaspidoceras is", "Epaspidoceras taxon rank")
     assert zsre.portability_answers == ("Owlet moths",)
+
+
+def test_knowedit_wikibio_names_its_fields_text_labels_concept():
+    # KnowEdit's WikiBio set: ``text`` is the prompt, ``labels`` the new text, ``concept`` the subject.
+    result = load_requests(DATA / "knowedit_wikibio.json")
+    assert result.format == "knowedit"
+    vane, solberg = result.requests
+    assert vane.prompt.startswith("This is a Wikipedia passage about edmund hartley vane.")
+    assert vane.target_new.startswith("He studied at the University of Edinburgh")
+    assert vane.subject == "edmund hartley vane" and vane.ground_truth is None
+    assert vane.locality_prompts[1] == "edmund hartley vane field of work"
+    assert vane.locality_answers == ("botany", "botany")
+    assert solberg.locality_answers == ("Norway",)
 
 
 def test_plain_jsonl_scalars_lists_and_whitespace():
@@ -174,6 +202,7 @@ def test_csv_in_our_field_names_is_detected(tmp_path):
         ("counterfact_easyedit.json", "easyedit"),
         ("wikibigedit.json", "wikibigedit"),
         ("knowedit.json", "knowedit"),
+        ("knowedit_wikibio.json", "knowedit"),
         ("plain.jsonl", "plain"),
     ],
 )
@@ -193,7 +222,9 @@ def test_detect_format_from_keys():
     assert detect_format({"prompt", "target_new", "locality_prompt", "portability"}) == "easyedit"
     assert detect_format({"prompt", "target_new", "rephrase_prompts", "case_id"}) == "plain"
     assert detect_format({"prompt", "target_new", "subject"}) == "plain"
+    assert detect_format({"text", "labels", "concept", "locality"}) == "knowedit"  # KnowEdit's WikiBio
     assert detect_format({"question", "answer"}) is None
+    assert detect_format({"text", "labels"}) is None  # e.g. a classification set: not WikiBio
 
 
 # --- precise errors ------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ Formats (``FORMATS``), each recognised by ``detect_format`` from the first recor
   target_true}, paraphrase_prompts, neighborhood_prompts``).
 - ``easyedit``: EasyEdit's processed CounterFact/ZsRE (``prompt, target_new, ground_truth,
   rephrase_prompt, locality_prompt, locality_ground_truth``).
-- ``wikibigedit``: WikiBigEdit (``subject, update, ans, rephrase, loc, loc_ans, mhop, mhop_ans``).
+- ``wikibigedit``: WikiBigEdit (``subject, relation, update, ans, rephrase, personas, loc, loc_ans,
+  mhop, mhop_ans``).
 - ``knowedit``: KnowEdit (``prompt, target_new, ground_truth, rephrase_prompt``, and ``locality`` /
-  ``portability`` as ``{name: [{prompt, ground_truth}, ...]}``).
+  ``portability`` as ``{name: [{prompt, ground_truth}, ...]}``); its WikiBio set names the first
+  three ``text, labels, concept``.
 - ``plain``: our own field names (what ``save_requests`` writes), or any JSON/JSONL/CSV whose
   columns ``field_map`` renames to ours.
 """
@@ -63,10 +65,11 @@ EASYEDIT: FieldMap = {
     "portability_answers": ["portability_ground_truth", _NEW_ANSWER],
 }
 # WikiBigEdit: ``update`` is the prompt, ``ans`` the new answer, ``mhop`` a multi-hop probe.
+# ``personas`` asks the question again in a persona's voice; like ``rephrase``, ``ans`` answers it.
 WIKIBIGEDIT: FieldMap = {
     "prompt": "update",
     "target_new": "ans",
-    "rephrase_prompts": "rephrase",
+    "rephrase_prompts": ["rephrase", "personas"],
     "locality_prompts": "loc",
     "locality_answers": "loc_ans",
     "portability_prompts": "mhop",
@@ -98,14 +101,19 @@ def counterfact(record: Record) -> EditRequest:
 
 
 def knowedit(record: Record) -> EditRequest:
-    """KnowEdit: locality and portability are named groups of ``{prompt, ground_truth}`` probes."""
+    """KnowEdit: locality and portability are named groups of ``{prompt, ground_truth}`` probes.
+
+    Its WikiBio set has ``text`` (the passage to continue), ``labels`` (the new continuation) and
+    ``concept`` (the subject) for ``prompt``, ``target_new`` and ``subject``, as EasyEdit reads it.
+    """
     locality_prompts, locality_answers = _named_probes(record, "locality")
     portability_prompts, portability_answers = _named_probes(record, "portability")
     rephrase_key = "rephrase_prompt" if "rephrase_prompt" in record else "rephrase"
+    wikibio = "prompt" not in record and "text" in record
     return EditRequest(
-        prompt=required_text(record, "prompt"),
-        target_new=required_text(record, "target_new"),
-        subject=optional_text(record, "subject"),
+        prompt=required_text(record, "text" if wikibio else "prompt"),
+        target_new=required_text(record, "labels" if wikibio else "target_new"),
+        subject=optional_text(record, "concept" if wikibio else "subject"),
         ground_truth=first_text(lookup(record, "ground_truth"), "ground_truth"),
         rephrase_prompts=texts(record, rephrase_key),
         locality_prompts=locality_prompts,
@@ -233,7 +241,7 @@ def detect_format(keys: Iterable[str]) -> str | None:
     if {"update", "ans"} <= keys:
         return "wikibigedit"
     if not set(REQUIRED_FIELDS) <= keys:
-        return None
+        return "knowedit" if {"text", "labels", "concept"} <= keys else None  # KnowEdit's WikiBio
     if keys & _OUR_ONLY_KEYS:
         return "plain"
     if keys & {"locality_prompt", "locality_ground_truth"}:
