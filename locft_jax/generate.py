@@ -244,13 +244,16 @@ def generate_ids(
     """Greedy continuations (token ids, up to and including the first stop token) per prompt.
 
     ``batch_size`` slots decode together (fewer for fewer prompts: the power of two that holds them,
-    at least ``MIN_SLOTS``); a slot whose row stopped takes the next prompt (shortest first, so each
-    prefill group of ``batch_size // 4`` is tightly padded). Results keep input order.
+    at least ``MIN_SLOTS``; both rounded up to a multiple of the params' mesh data axis); a slot whose
+    row stopped takes the next prompt (shortest first, so each prefill group of ``batch_size // 4`` is
+    tightly padded). Results keep input order. ``batch_size`` < 1 is a ``ValueError``.
     """
     if max_new_tokens < 1 or not prompt_ids:
         return [[] for _ in prompt_ids]
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError(f"empty prompt at index {next(i for i, p in enumerate(prompt_ids) if not p)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pending = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batch_size = min(batch_size, max(MIN_SLOTS, 1 << (len(prompt_ids) - 1).bit_length()))
     batch_size, sharding, data = rows_over_data(params, batch_size)  # each device decodes its own slots

@@ -168,6 +168,15 @@ def test_zero_new_tokens_and_empty_input(tiny_llama_dir):
     assert generate_greedy(*args, []) == []
 
 
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_a_clear_error(tiny_llama_dir, batch_size):
+    """No slots to decode in: an error naming batch_size (was: ``max() arg is an empty sequence``,
+    or numpy's ``negative dimensions are not allowed``)."""
+    ours = load_model(tiny_llama_dir)
+    with pytest.raises(ValueError, match="batch_size"):
+        ours_greedy(ours, PROMPTS[:2], max_new_tokens=4, batch_size=batch_size)
+
+
 # --- SmolLM2-135M-Instruct, the embedded real model -------------------------------------------
 
 
