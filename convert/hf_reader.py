@@ -16,6 +16,8 @@ SINGLE_NAME = "model.safetensors"
 
 
 def read_hf_config(model_dir: str | Path) -> ModelConfig:
+    """The directory's ``config.json``, with the EOS ids of its ``generation_config.json`` if it has one
+    (which transformers' ``generate`` stops at instead of ``config.json``'s)."""
     path = Path(model_dir) / "config.json"
     try:
         raw = json.loads(path.read_text())
@@ -23,8 +25,13 @@ def read_hf_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: file not found (not a Hugging Face model directory?)") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    generation_path = Path(model_dir) / "generation_config.json"
     try:
-        return ModelConfig.from_hf_config(raw)
+        generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{generation_path}: invalid JSON ({err})") from None
+    try:
+        return ModelConfig.from_hf_config(raw, generation)
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
 

@@ -20,6 +20,10 @@ class ModelConfig:
     Family differences are fields, not subclasses: q/k/v bias (qwen2), per-head q/k RMSNorm
     (qwen3), tied embeddings (SmolLM2, small Qwen), llama3 rope scaling (Llama 3.1+).
     ``hf_config_json`` keeps the original HF config so an export reproduces it exactly.
+    ``eos_token_ids``: the ids that end generation, as transformers' ``generate`` takes them:
+    ``generation_config.json``'s ``eos_token_id`` when it has one (e.g. Qwen2.5-Instruct's two),
+    else ``config.json``'s (an int or a list, e.g. Llama 3.1's three); ``eos_token_id`` is the first
+    of ``config.json``'s.
     The dataclass is hashable, so it can be a static argument of ``jax.jit``.
     """
 
@@ -41,6 +45,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = dataclasses.field(default=(), compare=False)
     hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -59,8 +64,8 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from a transformers ``config.json`` dict."""
+    def from_hf_config(cls, hf: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        """Build from a transformers ``config.json`` dict (and ``generation_config.json``'s: its EOS ids)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -71,7 +76,7 @@ class ModelConfig:
             hidden = int(hf["hidden_size"])
             head_dim = hf.get("head_dim") or hidden // heads
             rope_scaling = _rope_scaling(hf)
-            eos = hf.get("eos_token_id")
+            eos = _ids(hf.get("eos_token_id"))
             return cls(
                 model_type=model_type,
                 vocab_size=int(hf["vocab_size"]),
@@ -90,7 +95,8 @@ class ModelConfig:
                 attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
                 qk_norm=model_type == "qwen3",
                 bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=eos[0] if isinstance(eos, list) else eos,
+                eos_token_id=eos[0] if eos else None,
+                eos_token_ids=tuple(_ids((generation or {}).get("eos_token_id")) or eos),
                 pad_token_id=hf.get("pad_token_id"),
                 hf_config_json=json.dumps(hf, sort_keys=True),
             )
@@ -125,6 +131,13 @@ class ModelConfig:
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
         return out
+
+
+def _ids(value: Any) -> list[int]:
+    """A config's token id field (None, an int, or a list of ints) as a list."""
+    if value is None:
+        return []
+    return [int(i) for i in value] if isinstance(value, list) else [int(value)]
 
 
 _ARCHITECTURES = {

@@ -316,8 +316,8 @@ def truncate_at_stops(text: str, stop_at: Sequence[str]) -> str:
 
 
 def eos_ids(config: ModelConfig, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS, and the config's when it differs."""
-    ids = [getattr(tokenizer, "eos_token_id", None), config.eos_token_id]
+    """The tokenizer's EOS and the checkpoint's (``ModelConfig.eos_token_ids``, else ``eos_token_id``)."""
+    ids = [getattr(tokenizer, "eos_token_id", None), *(config.eos_token_ids or [config.eos_token_id])]
     return sorted({i for i in ids if i is not None})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -193,3 +194,37 @@ def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf):
     decoded = [smollm2.tokenizer.decode(w, skip_special_tokens=True) for w in want]
     assert texts == [truncate_at_stops(t, (".", "\n")) for t in decoded]
     assert np.mean([len(t) > 0 for t in texts]) > 0.5
+
+
+def test_generation_stops_at_the_eos_ids_transformers_generate_uses(tiny_llama_dir, tmp_path):
+    """config.json may list several EOS ids (Llama 3.1: three), and generation_config.json's list
+    (Qwen2.5-Instruct: two) replaces it in transformers' generate; greedy scoring stops where it does."""
+    import shutil
+
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    prompts = PROMPTS[:3]
+    plain = ours_greedy(load_model(model_dir), prompts, max_new_tokens=8)
+    in_config, in_generation = plain[0][0], plain[1][2]  # tokens answers produce
+    assert len({2, in_config, in_generation}) == 3
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, in_config]}))
+    generation = transformers.GenerationConfig(bos_token_id=1, pad_token_id=0, eos_token_id=[2, in_generation])
+    generation.save_pretrained(model_dir)
+
+    def hf_ids(model: Any) -> list[list[int]]:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model.tokenizer.padding_side = "left"
+        enc = model.tokenizer(prompts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = hf.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=0)
+        return out[:, enc["input_ids"].shape[1] :].tolist()
+
+    for listed, stops in [((2, in_generation), {2, in_generation}), ((2, in_config), {2, in_config})]:
+        ours = load_model(model_dir)
+        assert ours.config.eos_token_id == 2 and ours.config.eos_token_ids == listed
+        expected = [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in plain]
+        assert expected != plain
+        assert ours_greedy(ours, prompts, max_new_tokens=8) == expected
+        # transformers: the same ids, then padding
+        assert hf_ids(ours) == [e + [0] * (8 - len(e)) for e in expected]
+        (model_dir / "generation_config.json").unlink(missing_ok=True)  # then config.json's list applies
