@@ -28,7 +28,9 @@ from locft_jax.requests import EditRequest
 
 STYLES = ("teacher_forced", "generation", "fluency")
 KINDS = ("reliability", "generalization", "portability", "locality")
-FLUENCY_TOKENS = 100  # ROME/EasyEdit generate 100 tokens for the n-gram entropy
+# New tokens of greedy continuation for the n-gram entropy (EasyEdit's greedy path: 100 new
+# tokens; ROME and EasyEdit's default sample top-5 up to 100 tokens including the prompt).
+FLUENCY_TOKENS = 100
 
 
 class Probe(NamedTuple):
