@@ -262,6 +262,26 @@ def test_bad_requests_are_named_or_skipped(tiny):
         edit(tiny, REQUESTS[:1], EditConfig(layers=(2,), max_length=8, **FAST), mesh=ONE_DEVICE)
 
 
+def test_a_target_differing_only_by_its_leading_space_is_a_duplicate(tiny):
+    """``encode_target`` strips leading whitespace: "World" and " World" are the same training row."""
+    same = [EditRequest("Hello", "World"), EditRequest("Hello", " World")]
+    with pytest.raises(RequestError, match="record 1: duplicate of record 0"):
+        prepare_dataset(tiny.tokenizer, same)
+    assert [i for i, _ in prepare_dataset(tiny.tokenizer, same, on_bad_record="skip").skipped] == [1]
+
+
+def test_skipped_retain_records_are_counted_and_named(tiny):
+    keep = [EditRequest("The sky is", "blue"), EditRequest("The sky is", "blue"), EditRequest("Q", "B")]
+    ds = prepare_dataset(tiny.tokenizer, REQUESTS, on_bad_record="skip", retain=keep)
+    assert ds.skipped == [] and len(ds) == len(REQUESTS) + 1
+    assert [i for i, _ in ds.skipped_retain] == [1, 2]
+    assert "retain record 1: duplicate of retain record 0" in ds.skipped_retain[0][1]
+    assert "retain record 2: prompt 'Q' is also edited" in ds.skipped_retain[1][1]
+    result = edit(tiny, REQUESTS, EditConfig(layers=(2,), on_bad_record="skip", **{**FAST, "epochs": 1}),
+                  retain=keep, mesh=ONE_DEVICE)
+    assert result.skipped_records == [] and result.skipped_retain == ds.skipped_retain
+
+
 def test_unknown_layer_or_module_lists_the_valid_choices(tiny):
     with pytest.raises(LocationError, match="valid: layer, attn, mlp, mlp_down, mlp_up"):
         edit(tiny, REQUESTS, EditConfig(module="ffn"), mesh=ONE_DEVICE)
@@ -278,6 +298,16 @@ def test_nan_loss_is_an_error_and_never_reaches_the_weights(tiny):
         edit(broken, REQUESTS, EditConfig(layers=(2,), **FAST), mesh=ONE_DEVICE)
     result = edit(broken, REQUESTS, EditConfig(layers=(2,), on_bad_record="skip", **FAST), mesh=ONE_DEVICE)
     assert np.isfinite(np.asarray(result.trainable["model.layers.2.mlp.down_proj.weight"])).all()
+
+
+def test_a_depth_first_nan_names_the_request_not_an_epoch(tiny):
+    params = tiny.params
+    emb = np.array(params["model"]["embed_tokens"]["weight"])
+    emb[:] = np.nan
+    broken = tiny.with_params({**params, "model": {**params["model"], "embed_tokens": {"weight": jnp.asarray(emb)}}})
+    wanted = "non-finite loss training request 0 of the depth-first run \\(2 steps\\)"
+    with pytest.raises(NonFiniteLossError, match=wanted):
+        edit(broken, REQUESTS[:2], EditConfig(layers=(2,), pipeline="df", **{**FAST, "epochs": 2}), mesh=ONE_DEVICE)
 
 
 def test_retain_rows_are_weighted_and_keep_their_answers(tiny):

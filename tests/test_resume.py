@@ -55,3 +55,29 @@ def test_resume_refuses_a_checkpoint_from_a_different_run(tiny_llama_dir, tmp_pa
     edit(model, REQUESTS, CFG.replace(epochs=1), checkpoint_dir=tmp_path, mesh=ONE_DEVICE)
     with pytest.raises(ValueError, match="different run"):
         edit(model, REQUESTS[:5], CFG, checkpoint_dir=tmp_path, resume=True, mesh=ONE_DEVICE)
+
+
+def test_resume_refuses_other_tensors_or_another_base_model_with_the_clear_error(tiny_llama_dir, tmp_path):
+    """Another module or layer set (other tensors, other Adam state) is refused by the fingerprint, not by an
+    orbax tree mismatch; another base model of the same shapes is refused too (its edit would be the first
+    model's tensor merged into the second)."""
+    from tests.tiny_models import save_tiny_model
+
+    model = load_model(tiny_llama_dir)
+    edit(model, REQUESTS, CFG.replace(epochs=1), checkpoint_dir=tmp_path / "ckpt", mesh=ONE_DEVICE)
+    for change in (dict(module="mlp_up"), dict(layers=(1, 2))):
+        with pytest.raises(ValueError, match="checkpoint is from a different run"):
+            edit(model, REQUESTS, CFG.replace(epochs=1, **change), checkpoint_dir=tmp_path / "ckpt", resume=True,
+                 mesh=ONE_DEVICE)
+    other = load_model(save_tiny_model("llama", tmp_path / "other", seed=1))
+    with pytest.raises(ValueError, match="checkpoint is from a different run"):
+        edit(other, REQUESTS, CFG.replace(epochs=1), checkpoint_dir=tmp_path / "ckpt", resume=True, mesh=ONE_DEVICE)
+
+
+def test_resuming_an_early_stopped_run_does_not_train_it_further(tiny_llama_dir, tmp_path):
+    model = load_model(tiny_llama_dir)
+    cfg = CFG.replace(early_stop_loss=1e9)  # stops after epoch 0 of 5
+    done = edit(model, REQUESTS, cfg, checkpoint_dir=tmp_path, mesh=ONE_DEVICE)
+    again = edit(model, REQUESTS, cfg, checkpoint_dir=tmp_path, resume=True, mesh=ONE_DEVICE)
+    assert [e["epoch"] for e in again.log] == [e["epoch"] for e in done.log] == [0]
+    np.testing.assert_array_equal(np.asarray(again.trainable[NAME]), np.asarray(done.trainable[NAME]))

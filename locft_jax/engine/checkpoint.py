@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -78,8 +79,25 @@ def restore_state(path: Path, trainable_like: dict, opt_state_like: Any) -> tupl
     }
     state = ocp.StandardCheckpointer().restore(Path(path).absolute() / "state", target)
     opt_state = jax.tree.unflatten(treedef, [state["opt_state"][str(i)] for i in range(len(leaves))])
-    meta = json.loads((Path(path) / "meta.json").read_text())
-    return state["trainable"], opt_state, meta
+    return state["trainable"], opt_state, read_meta(path)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``: epoch, log, fingerprint (check it before ``restore_state``)."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def tensor_checksums(tensors: dict[str, jax.Array]) -> dict[str, list]:
+    """Name → [shape, checksum of the bits]: an integer sum (mod 2³²) of each element's bits times a
+    function of its index, so the same on any mesh or reduction order, and cheap (one pass, on device)."""
+    return {name: [list(x.shape), int(_bit_checksum(x))] for name, x in tensors.items()}
+
+
+@jax.jit
+def _bit_checksum(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(-1)
+    index = jnp.arange(bits.size, dtype=jnp.uint32)
+    return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
 def fingerprint(*parts: Any) -> str:

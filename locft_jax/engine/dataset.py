@@ -33,8 +33,9 @@ class EditDataset:
     weight: np.ndarray  # [N] float32: 1 for edits, ``retain_weight`` for retain rows
     loss_offset: np.ndarray  # [N] float32: added to a row's loss (0; KL retain rows: see ``retain_kl``)
     kept: list[int]  # edits first, then retain rows (indices into their own lists)
-    skipped: list[tuple[int, str]]
+    skipped: list[tuple[int, str]]  # (record index, reason) of edit requests skipped (``on_bad_record="skip"``)
     n_edits: int  # rows 0..n_edits-1 are edits, the rest retain rows
+    skipped_retain: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # the same for retain records
 
     def __len__(self) -> int:
         return len(self.seq_len)
@@ -64,16 +65,20 @@ def prepare_dataset(
     weights: list[float] = []
     n_edits = 0
     skipped: list[tuple[int, str]] = []
+    skipped_retain: list[tuple[int, str]] = []
     groups = (("record", requests, True, 1.0), ("retain record", retain, False, retain_weight))
     edited_prompts = {req.prompt: i for i, req in enumerate(requests)}
     for kind, group, add_eos, weight in groups:
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
         for i, req in enumerate(group):
             try:
                 pair = _encode_request(tokenizer, req, i, max_length, add_eos, kind)
-                key = (req.prompt, req.target_new)
+                # the tokens, not the strings: "Paris" and " Paris" are the same training row
+                key = (tuple(pair.prompt_ids), tuple(pair.target_ids))
                 if key in seen:
-                    raise RequestError(f"{kind} {i}: duplicate of {kind} {seen[key]} (same prompt and target_new)")
+                    raise RequestError(
+                        f"{kind} {i}: duplicate of {kind} {seen[key]} (same prompt and target_new tokens)"
+                    )
                 if group is retain and req.prompt in edited_prompts:
                     raise RequestError(f"{kind} {i}: prompt {req.prompt!r} is also edited (record "
                                        f"{edited_prompts[req.prompt]}); a retain row would undo the edit")
@@ -81,8 +86,7 @@ def prepare_dataset(
             except RequestError as err:
                 if on_bad_record == "error":
                     raise
-                if kind == "record":
-                    skipped.append((i, str(err)))
+                (skipped if kind == "record" else skipped_retain).append((i, str(err)))
                 continue
             pairs.append(pair)
             kept.append(i)
@@ -90,7 +94,7 @@ def prepare_dataset(
         if not pairs:
             raise RequestError(f"no usable edit requests ({len(skipped)} skipped)")
         n_edits = n_edits if kind != "record" else len(pairs)
-    return _pack(pairs, kept, np.asarray(weights, np.float32), skipped, objective, n_edits)
+    return _pack(pairs, kept, np.asarray(weights, np.float32), skipped, objective, n_edits, skipped_retain)
 
 
 def _encode_request(
@@ -120,6 +124,7 @@ def _pack(
     skipped: list[tuple[int, str]],
     objective: str,
     n_edits: int,
+    skipped_retain: list[tuple[int, str]],
 ) -> EditDataset:
     full_len = np.array([len(p) + len(t) for p, t in pairs])
     tgt_len = np.array([len(t) for _, t in pairs])
@@ -136,7 +141,8 @@ def _pack(
     mask = mask[:, :t_all] & (np.arange(t_all)[None, :] < seq_len[:, None])
     ids = np.where(mask, ids[:, :t_all], 0).astype(np.int32)
     offset = np.zeros(len(pairs), np.float32)
-    return EditDataset(ids, mask, tpos, tids, tmask, seq_len, tgt_len, weight, offset, kept, skipped, n_edits)
+    return EditDataset(ids, mask, tpos, tids, tmask, seq_len, tgt_len, weight, offset, kept, skipped, n_edits,
+                       skipped_retain)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -58,6 +58,7 @@ class EditResult:
     compiles: int
     seconds: float
     cache_bytes: int
+    skipped_retain: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # retain records skipped
 
 
 def edit(
@@ -130,9 +131,12 @@ def edit(
     feeder = BatchFeeder(store, ds, rows_per_batch, mesh, pack)
     runner = _Runner(step, params, base, projectors, soft, feeder, opt_shardings)
 
-    identity = ckpt.fingerprint(
-        config.to_dict(), ds.ids, ds.target_ids, [*preserve, *((r.prompt, r.subject) for r in preserve_subjects)]
-    )
+    identity = ""  # the run's fingerprint, stored with its checkpoints: a resume must be of the same run
+    if checkpoint_dir:
+        identity = ckpt.fingerprint(
+            config.to_dict(), ds.ids, ds.target_ids, [*preserve, *((r.prompt, r.subject) for r in preserve_subjects)],
+            ckpt.tensor_checksums(base),  # the model edited: a checkpoint holds whole tensors, not changes
+        )
     log: list[dict[str, Any]] = []
     first_epoch = 0
     latest = ckpt.latest_state(Path(checkpoint_dir)) if resume and checkpoint_dir else None
@@ -140,10 +144,14 @@ def edit(
     same_on_every_process(ckpt.epoch_of(latest), "the checkpoint to resume from (is checkpoint_dir on a file "
                                                  "system every host sees?)")
     if latest is not None:
+        # checked before restoring: other tensors (module, layers) would fail inside orbax, unexplained
+        if ckpt.read_meta(latest).get("fingerprint") != identity:
+            raise ValueError(f"{latest}: checkpoint is from a different run (config, data or model changed); "
+                             "not resuming")
         trainable, opt_state, meta = ckpt.restore_state(latest, trainable, opt_state)
-        if meta.get("fingerprint") != identity:
-            raise ValueError(f"{latest}: checkpoint is from a different run (config or data changed); not resuming")
         log, first_epoch = meta["log"], meta["epoch"] + 1
+        if config.pipeline == "bf" and log and _stops_early(log[-1], config):
+            first_epoch = config.epochs  # the run had stopped early: it is finished, not interrupted
 
     check = None
     if config.early_stop_reliability > 0:
@@ -161,7 +169,8 @@ def edit(
     params = merge(params, {n: v.astype(dtypes[n]) for n, v in trainable.items()})
     seconds = time.perf_counter() - start_time
     compiles = step._cache_size() - compiles_before
-    return EditResult(params, trainable, location, log, ds.skipped, compiles, seconds, store.cache_bytes)
+    return EditResult(params, trainable, location, log, ds.skipped, compiles, seconds, store.cache_bytes,
+                      ds.skipped_retain)
 
 
 def place_on_mesh(params: Params, config, mesh: Mesh) -> Params:
@@ -264,17 +273,22 @@ def _breadth_first(runner, trainable, opt_state, config: EditConfig, first_epoch
             applied.append(ok)
             hooks.step()
         losses_h = np.asarray(jax.device_get(losses), dtype=np.float64)
-        _check_finite(losses_h, epoch, config)
+        _check_finite(losses_h, f"in epoch {epoch}", config)
         entry = _epoch_entry(epoch, losses_h, np.asarray(jax.device_get(applied)), t0, len(runner.ds))
         if check is not None and (epoch + 1) % config.check_every == 0:
             entry["reliability_check"] = check(trainable)
         log.append(entry)
         hooks.epoch_done(entry, trainable, opt_state, log)
-        if config.early_stop_loss > 0 and entry["loss"] < config.early_stop_loss:
-            break
-        if entry.get("reliability_check", 0.0) >= config.early_stop_reliability > 0:
+        if _stops_early(entry, config):
             break
     return trainable, opt_state
+
+
+def _stops_early(entry: dict[str, Any], config: EditConfig) -> bool:
+    """Whether a breadth-first run stops after the epoch of ``entry`` (its loss, or its reliability check)."""
+    if config.early_stop_loss > 0 and entry["loss"] < config.early_stop_loss:
+        return True
+    return entry.get("reliability_check", 0.0) >= config.early_stop_reliability > 0
 
 
 def _depth_first(runner, trainable, opt_state, tx, config: EditConfig, first_epoch: int, log: list, hooks):
@@ -292,7 +306,7 @@ def _depth_first(runner, trainable, opt_state, tx, config: EditConfig, first_epo
             applied.append(bool(ok))
             if config.early_stop_loss > 0 and losses[-1] < config.early_stop_loss:
                 break
-        _check_finite(np.array(losses), index, config)
+        _check_finite(np.array(losses), f"training request {index} of the depth-first run", config)
         entry = _epoch_entry(index, np.array(losses), np.array(applied), t0, 1)
         log.append(entry)
         hooks.step()
@@ -318,10 +332,11 @@ def _reliability_check(model: Model, params: Params, requests: list[EditRequest]
     return check
 
 
-def _check_finite(losses: np.ndarray, epoch: int, config: EditConfig) -> None:
+def _check_finite(losses: np.ndarray, where: str, config: EditConfig) -> None:
+    """Raise ``NonFiniteLossError`` naming ``where`` (an epoch, or a depth-first request) if a loss is NaN/inf."""
     if np.isfinite(losses).all():
         return
-    message = f"non-finite loss in epoch {epoch} ({int((~np.isfinite(losses)).sum())} steps); weights kept from before"
+    message = f"non-finite loss {where} ({int((~np.isfinite(losses)).sum())} steps); weights kept from before"
     if config.on_bad_record == "error":
         raise NonFiniteLossError(message)
 
