@@ -1,8 +1,10 @@
 """Tokenizing prompt/target pairs with explicit lengths, and padding into fixed shape buckets.
 
-A training (or teacher-forced) sequence is ``tok(prompt) + tok(" " + target) + [eos]``: prompt and
-target are tokenized separately so the target's token span is known exactly (never found by
-matching a pad id, which may equal EOS).
+A training (or teacher-forced) sequence is ``tok(prompt + " " + target) + [eos]``, as the reference
+code builds it; the target's span starts after ``tok(prompt)``'s tokens, known exactly (never found by
+matching a pad id, which may equal EOS). Byte-level BPE (Llama 3, Qwen, SmolLM2) splits at the space,
+so this equals ``tok(prompt) + tok(" " + target)``; SentencePiece tokenizers (Llama 2, Mistral) give a
+lone ``" " + target`` an extra "▁" token that the joint text does not have.
 """
 
 from __future__ import annotations
@@ -37,14 +39,24 @@ def encode_target(tokenizer: Any, target: str, add_eos: bool = True) -> list[int
     return ids
 
 
+def encode_pair(tokenizer: Any, prompt: str, target: str, add_eos: bool = True) -> PromptTarget:
+    """``prompt`` and ``target`` tokenized together (``prompt + " " + target``), split after the prompt's
+    own tokens; if the joint tokens do not start with those (the two merge at the boundary), the
+    target is tokenized alone (``encode_target``)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    joint = encode_prompt(tokenizer, f"{prompt} {target.lstrip()}")
+    if joint[: len(prompt_ids)] != prompt_ids or len(joint) == len(prompt_ids):
+        return PromptTarget(prompt_ids, encode_target(tokenizer, target, add_eos))
+    return PromptTarget(prompt_ids, joint[len(prompt_ids) :] + ([tokenizer.eos_token_id] if add_eos else []))
+
+
 def encode_pairs(
     tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], add_eos: bool = True
 ) -> list[PromptTarget]:
     """Tokenize each (prompt, target); an empty prompt or target is an error naming the record."""
     out = []
     for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-        p = encode_prompt(tokenizer, prompt)
-        t = encode_target(tokenizer, target, add_eos)
+        p, t = encode_pair(tokenizer, prompt, target, add_eos)
         if not p:
             raise RequestError(f"record {i}: prompt {prompt!r} tokenizes to nothing")
         if len(t) <= int(add_eos):

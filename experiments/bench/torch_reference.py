@@ -22,7 +22,7 @@ import transformers
 
 from locft_jax.engine.dataset import batches, epoch_order
 from locft_jax.requests import EditRequest
-from locft_jax.tokens import encode_prompt, encode_target
+from locft_jax.tokens import encode_pair
 
 IGNORE = -100
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -71,8 +71,8 @@ class Encoded:
 def encode(tokenizer: Any, requests: Sequence[EditRequest]) -> Encoded:
     ids, prompt_len = [], []
     for req in requests:
-        prompt = encode_prompt(tokenizer, req.prompt)
-        ids.append(prompt + encode_target(tokenizer, req.target_new))
+        prompt, target = encode_pair(tokenizer, req.prompt, req.target_new)
+        ids.append(prompt + target)
         prompt_len.append(len(prompt))
     return Encoded(ids, prompt_len)
 

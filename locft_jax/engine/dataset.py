@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from locft_jax.requests import EditRequest, RequestError
-from locft_jax.tokens import DEFAULT_BUCKETS, PromptTarget, bucket, encode_prompt, encode_target, pad_target_batch
+from locft_jax.tokens import DEFAULT_BUCKETS, PromptTarget, bucket, encode_pair, pad_target_batch
 
 TARGET_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
 
@@ -104,8 +104,7 @@ def _encode_request(
         req.validate(index)
     except RequestError as err:
         raise RequestError(str(err).replace("record", kind, 1)) from None
-    prompt = encode_prompt(tokenizer, req.prompt)
-    target = encode_target(tokenizer, req.target_new, add_eos)
+    prompt, target = encode_pair(tokenizer, req.prompt, req.target_new, add_eos)
     if not prompt:
         raise RequestError(f"{kind} {index}: prompt {req.prompt!r} tokenizes to nothing")
     if len(target) < 1 + int(add_eos):
