@@ -32,7 +32,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     aside, the new one renamed in, and only then the old one deleted, so ``out`` is never half
     written (at worst, after a crash between the two renames, the old copy survives beside it).
     """
-    out = Path(out).absolute()
+    # A symlinked OUT (say, to a scratch disk) is written through: its target is what gets replaced
+    # (renaming a directory onto the link itself fails, after all the work).
+    out = Path(out).resolve()
     check_output_dir(out, overwrite)  # fail before any work is done
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

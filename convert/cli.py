@@ -23,6 +23,8 @@ EXIT_BAD_INPUT = 2
 # its traceback. OSError covers FileNotFoundError and transformers' "can't load tokenizer".
 INPUT_ERRORS = (CheckpointError, ConfigError, OSError)
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# An export may also be float16: the dtype of many HF bases (Llama 2), which a patch or shard reuse must match.
+EXPORT_DTYPES: dict[str, Any] = {**DTYPES, "float16": jnp.float16}
 
 
 def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:

@@ -51,13 +51,33 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{self.path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self._entries = header
         self._data_start = 8 + header_len
         for name, entry in header.items():
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: {entry!r}")
             if entry.get("dtype") not in DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-            begin, end = entry["data_offsets"]
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if not (
+                isinstance(shape, list)
+                and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]
+            ):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: {entry!r}")
+            begin, end = offsets
+            nbytes = DTYPES[entry["dtype"]].itemsize * math.prod(shape)
+            if end - begin != nbytes:
+                raise CheckpointError(
+                    f"{self.path}: corrupt safetensors header: tensor {name!r} ({entry['dtype']}{shape}) needs "
+                    f"{nbytes} bytes, its data_offsets {offsets} span {end - begin}"
+                )
             if self._data_start + end > size:
                 raise CheckpointError(
                     f"{self.path}: truncated: tensor {name!r} needs bytes up to {self._data_start + end}, "

@@ -1,6 +1,6 @@
 """Export params to a Hugging Face model directory that transformers loads as the same model.
 
-    python -m convert.to_hf CKPT OUT [--base SRC] [--only-changed] [--dtype float32|bfloat16]
+    python -m convert.to_hf CKPT OUT [--base SRC] [--only-changed] [--dtype float32|bfloat16|float16]
                                      [--max-shard-bytes N] [--overwrite]
 
 CKPT is anything ``open_checkpoint`` reads (a ``convert.from_hf`` directory, an HF directory, a
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from convert.atomic import atomic_output_dir, check_output_dir
-from convert.cli import DTYPES, read_params, run_cli, source_dtype
+from convert.cli import EXPORT_DTYPES, read_params, run_cli, source_dtype
 from convert.errors import CheckpointError
 from convert.hf_reader import INDEX_NAME, SINGLE_NAME, HFTensors
 from convert.orbax_io import is_locft_checkpoint
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="the HF model directory to write")
     parser.add_argument("--base", type=Path, help="the unedited model: shards to reuse, or to diff against")
     parser.add_argument("--only-changed", action="store_true", help="write only the tensors that differ from --base")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="export dtype (default: CKPT's)")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="export dtype (default: CKPT's)")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.base is not None and not args.base.exists():
         raise CheckpointError(f"{args.base}: no such file or directory")
     ckpt = open_checkpoint(args.ckpt)
-    dtype = DTYPES[args.dtype] if args.dtype else source_dtype(ckpt)
+    dtype = EXPORT_DTYPES[args.dtype] if args.dtype else source_dtype(ckpt)
     params = read_params(ckpt, dtype, where=str(args.ckpt))
     generation_config = _generation_config_of(args.base, args.ckpt if args.ckpt.is_dir() else None)
     export_hf(

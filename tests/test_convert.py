@@ -201,6 +201,30 @@ def test_patch_cli_against_a_from_hf_checkpoint(tiny_llama_dir, tmp_path):
     assert (tmp_path / "applied" / "tokenizer.json").is_file()
 
 
+def test_float16_base_is_patched_and_reused_through_the_cli(tiny_llama_dir, tmp_path):
+    """A float16 base (Llama 2 ships as one): ``--dtype float16`` gives a patch that applies and an
+    export over the base that reuses its unchanged shards, both equal to a float16 full export."""
+    base = tmp_path / "base"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float16)
+    model.save_pretrained(base, max_shard_size="50KB")
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(base)
+    ours = load_model(base)
+    params = edited(ours.params)
+    ckpt = save_checkpoint(params, ours.config, ours.tokenizer, tmp_path / "edited")
+    patch, over = tmp_path / "patch", tmp_path / "over"
+    flags = ["--base", str(base), "--dtype", "float16"]
+    assert run_cli(to_hf_main, [str(ckpt), str(patch), "--only-changed", *flags]) == 0
+    assert run_cli(to_hf_main, [str(ckpt), str(over), *flags]) == 0
+    applied = apply_patch(base, patch, tmp_path / "applied")
+    full = export_hf(params, ours.config, ours.tokenizer, tmp_path / "full", dtype=jnp.float16)
+    assert_same_tensors(hf_tensors(applied), hf_tensors(full))
+    assert_same_tensors(hf_tensors(over), hf_tensors(full))
+    edited_file = json.loads((base / INDEX_NAME).read_text())["weight_map"][EDITED]
+    for shard in sorted(base.glob("*.safetensors")):
+        assert filecmp.cmp(shard, over / shard.name, shallow=False) == (shard.name != edited_file), shard.name
+    load_hf(applied)
+
+
 def test_unedited_params_give_an_empty_patch_against_an_orbax_base(tiny_llama_dir, tmp_path):
     base = convert_to_orbax(tiny_llama_dir, tmp_path / "ours")
     ours = load_model(base)
@@ -273,6 +297,36 @@ def test_apply_patch_rejects_a_dtype_mismatch(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "applied").exists()
 
 
+def _rewrite_header(path: Path, change) -> None:
+    """Replace the JSON header of the safetensors file ``path`` with ``change(header)``, data kept."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    blob = json.dumps(change(json.loads(raw[8 : 8 + length]))).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + length :])
+
+
+_CORRUPT_HEADERS = {
+    "shape": lambda h: {**h, "w": {**h["w"], "shape": [3, 3]}},  # 9 floats in 6 floats' bytes
+    "offsets": lambda h: {**h, "w": {**h["w"], "data_offsets": h["w"]["data_offsets"][::-1]}},
+    "no offsets": lambda h: {**h, "w": {"dtype": "F32", "shape": [2, 3]}},
+    "not an object": lambda h: [h],
+}
+
+
+@pytest.mark.parametrize("kind", list(_CORRUPT_HEADERS))
+def test_corrupt_safetensors_header_is_a_clear_error(kind, tmp_path):
+    from convert.safetensors_io import SafetensorsFile, write_safetensors
+
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"w": np.zeros((2, 3), np.float32), "b": np.ones(3, np.float32)})
+    _rewrite_header(path, _CORRUPT_HEADERS[kind])
+    with pytest.raises(CheckpointError, match=f"{path}: .*corrupt"):
+        f = SafetensorsFile(path)
+        for name in f.names():
+            f.read(name)
+
+
 def test_open_checkpoint_recognises_each_format(tiny_llama_dir, tmp_path):
     ours = convert_to_orbax(tiny_llama_dir, tmp_path / "ours")
     assert type(open_checkpoint(ours).tensors).__name__ == "OrbaxTensors"
@@ -308,6 +362,21 @@ def test_atomic_dir_overwrite_replaces_only_on_success(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_writes_through_a_symlinked_output(tmp_path):
+    """OUT a symlink to a directory (e.g. on a scratch disk): the target gets the new contents."""
+    target, out = tmp_path / "scratch" / "model", tmp_path / "out"
+    target.mkdir(parents=True)
+    out.symlink_to(target)
+    with atomic_output_dir(out) as tmp:  # an empty target: no --overwrite needed
+        (tmp / "first.txt").write_text("1")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "second.txt").write_text("2")
+    assert out.is_symlink() and out.resolve() == target.resolve()
+    assert [p.name for p in target.iterdir()] == ["second.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "scratch"]
+    assert [p.name for p in target.parent.iterdir()] == ["model"]
 
 
 # ----------------------------------------------------------------------------- GGUF → HF
