@@ -70,8 +70,9 @@ def epoch_of(path: Path | None) -> int:
     return -1 if path is None else int(_NAME.match(Path(path).name).group(1))
 
 
-def restore_state(path: Path, trainable_like: dict, opt_state_like: Any) -> tuple[dict, Any, dict[str, Any]]:
-    """(trainable, opt_state, meta) from ``path``, with the structure and shardings of the ``*_like``."""
+def restore_state(path: Path, trainable_like: dict, opt_state_like: Any) -> tuple[dict, Any]:
+    """(trainable, opt_state) from ``path``, with the structure and shardings of the ``*_like``
+    (its ``meta.json``: ``read_meta``, to check first)."""
     leaves, treedef = jax.tree.flatten(opt_state_like)
     target = {
         "trainable": jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable_like),
@@ -79,7 +80,7 @@ def restore_state(path: Path, trainable_like: dict, opt_state_like: Any) -> tupl
     }
     state = ocp.StandardCheckpointer().restore(Path(path).absolute() / "state", target)
     opt_state = jax.tree.unflatten(treedef, [state["opt_state"][str(i)] for i in range(len(leaves))])
-    return state["trainable"], opt_state, read_meta(path)
+    return state["trainable"], opt_state
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -145,10 +145,11 @@ def edit(
                                                  "system every host sees?)")
     if latest is not None:
         # checked before restoring: other tensors (module, layers) would fail inside orbax, unexplained
-        if ckpt.read_meta(latest).get("fingerprint") != identity:
+        meta = ckpt.read_meta(latest)
+        if meta.get("fingerprint") != identity:
             raise ValueError(f"{latest}: checkpoint is from a different run (config, data or model changed); "
                              "not resuming")
-        trainable, opt_state, meta = ckpt.restore_state(latest, trainable, opt_state)
+        trainable, opt_state = ckpt.restore_state(latest, trainable, opt_state)
         log, first_epoch = meta["log"], meta["epoch"] + 1
         if config.pipeline == "bf" and log and _stops_early(log[-1], config):
             first_epoch = config.epochs  # the run had stopped early: it is finished, not interrupted
