@@ -158,7 +158,7 @@ def gguf_hf_config(reader: Any, path: Path) -> dict[str, Any]:
         # llama.cpp drops output.weight when the model ties it to the embedding.
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": any(name.endswith("attn_q.bias") for name in tensor_names),
-        "mlp_bias": False,
+        "mlp_bias": arch == "llama" and any(name.endswith("ffn_down.bias") for name in tensor_names),
     }
     if model_type == "mistral":
         config["sliding_window"] = None  # our decoder has full attention; say so explicitly

@@ -17,8 +17,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The architecture of a decoder LLM, enough to run and export it.
 
-    Family differences are fields, not subclasses: q/k/v bias (qwen2), per-head q/k RMSNorm
-    (qwen3), tied embeddings (SmolLM2, small Qwen), llama3 rope scaling (Llama 3.1+).
+    Family differences are fields, not subclasses: q/k/v bias (qwen2; llama and qwen3 with
+    ``attention_bias``, which also gives ``o_proj`` a bias), MLP biases (llama's ``mlp_bias``),
+    per-head q/k RMSNorm (qwen3), tied embeddings (SmolLM2, small Qwen), llama3 rope scaling
+    (Llama 3.1+). ``sliding_window``: the smallest attention window any layer uses (Mistral v0.1's
+    4096; Qwen2/3 with ``use_sliding_window``), None when every layer attends to all positions;
+    the decoder runs full attention, the same up to that many tokens, and refuses longer spans.
     ``hf_config_json`` keeps the original HF config so an export reproduces it exactly.
     ``eos_token_ids``: the ids that end generation, as transformers' ``generate`` takes them:
     ``generation_config.json``'s ``eos_token_id`` when it has one (e.g. Qwen2.5-Instruct's two),
@@ -41,7 +45,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    mlp_bias: bool = False
     qk_norm: bool = False
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -60,6 +66,11 @@ class ModelConfig:
             )
 
     @property
+    def o_proj_bias(self) -> bool:
+        """llama's and qwen3's ``attention_bias`` covers the output projection too; qwen2's does not."""
+        return self.attention_bias and self.model_type in ("llama", "qwen3")
+
+    @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
@@ -71,6 +82,9 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        activation = hf.get("hidden_act", "silu")
+        if activation not in ("silu", "swish"):
+            raise ConfigError(f"unsupported hidden_act {activation!r}; supported: silu (SwiGLU)")
         try:
             heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
@@ -93,7 +107,9 @@ class ModelConfig:
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 # qwen2 always has q/k/v bias; llama/mistral/qwen3 expose it as attention_bias.
                 attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
                 qk_norm=model_type == "qwen3",
+                sliding_window=_sliding_window(hf),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=eos[0] if eos else None,
                 eos_token_ids=tuple(_ids((generation or {}).get("eos_token_id")) or eos),
@@ -130,6 +146,10 @@ class ModelConfig:
         }
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window  # transformers reads a missing key as 4096
         return out
 
 
@@ -146,6 +166,28 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+
+
+def _sliding_window(hf: dict[str, Any]) -> int | None:
+    """The smallest window of any sliding-attention layer, as transformers reads ``config.json``:
+    Mistral windows every layer (4096 when the key is absent); Qwen2/3 only with
+    ``use_sliding_window``, on the layers ``layer_types`` marks (by default those from
+    ``max_window_layers`` up)."""
+    model_type = hf.get("model_type")
+    if model_type == "mistral":
+        window = hf.get("sliding_window", 4096)
+    elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+        window = hf.get("sliding_window", 4096)
+        layers = int(hf.get("num_hidden_layers", 0))
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else "full_attention"
+            for i in range(layers)
+        ]
+        if "sliding_attention" not in types:
+            window = None
+    else:
+        window = None
+    return None if window is None else int(window)
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:

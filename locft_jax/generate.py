@@ -97,6 +97,7 @@ def empty_slots(
     params: Params, config: ModelConfig, batch_size: int, prompt_len: int, max_new_tokens: int, sharding: Any
 ) -> Slots:
     """``batch_size`` stopped slots for prompts of up to ``prompt_len`` tokens, placed by ``sharding``."""
+    model_lib.check_attention_span(config, prompt_len + max_new_tokens, "a prompt with its generated tokens")
     dtype = params["model"]["embed_tokens"]["weight"].dtype
     shape = (batch_size, prompt_len + max_new_tokens, config.num_key_value_heads, config.head_dim)
     layers = params["model"]["layers"]

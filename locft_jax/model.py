@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from locft_jax.config import ModelConfig
+from locft_jax.config import ConfigError, ModelConfig
 
 Params = dict[str, Any]
 
@@ -79,7 +79,10 @@ def make_context(
     """RoPE tables and the causal+padding mask for a ``[B, T]`` batch (1 = real token).
 
     ``segments`` (``[B, T]`` ints): for packed rows, a token attends only within its own segment.
+    Unpacked rows are checked against the model's sliding window (``check_attention_span``).
     """
+    if segments is None:
+        check_attention_span(config, attention_mask.shape[-1], "a batch")
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = positions_from_mask(attention_mask)
@@ -91,6 +94,17 @@ def make_context(
     if segments is not None:
         mask = mask & (segments[:, :, None] == segments[:, None, :])
     return Context(jnp.cos(angles), jnp.sin(angles), mask[:, None, None])
+
+
+def check_attention_span(config: ModelConfig, tokens: int, what: str) -> None:
+    """Refuse ``tokens`` positions of attention past the model's sliding window: the decoder runs
+    full attention, which equals sliding-window attention only while every span fits the window."""
+    if config.sliding_window is not None and tokens > config.sliding_window:
+        raise ConfigError(
+            f"{what} spans {tokens} tokens, more than this model's sliding attention window "
+            f"({config.sliding_window}); locft-jax attends to every position, which matches the model "
+            f"only up to {config.sliding_window} tokens: use shorter texts"
+        )
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -44,6 +44,12 @@ def layer_specs(config: ModelConfig) -> dict[str, TensorSpec]:
         specs["self_attn.q_proj.bias"] = TensorSpec((q,), ("heads",))
         specs["self_attn.k_proj.bias"] = TensorSpec((kv,), ("kv_heads",))
         specs["self_attn.v_proj.bias"] = TensorSpec((kv,), ("kv_heads",))
+    if config.o_proj_bias:
+        specs["self_attn.o_proj.bias"] = TensorSpec((d,), ("embed",))
+    if config.mlp_bias:
+        specs["mlp.gate_proj.bias"] = TensorSpec((f,), ("mlp",))
+        specs["mlp.up_proj.bias"] = TensorSpec((f,), ("mlp",))
+        specs["mlp.down_proj.bias"] = TensorSpec((d,), ("embed",))
     if config.qk_norm:
         specs["self_attn.q_norm.weight"] = TensorSpec((hd,), ("norm",))
         specs["self_attn.k_norm.weight"] = TensorSpec((hd,), ("norm",))

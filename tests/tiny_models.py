@@ -10,6 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 FAMILIES = ("llama", "llama3-tied", "mistral", "qwen2", "qwen3")
+# Rarer layouts, tested on their own: llama with biases on q/k/v/o and the MLP, qwen3 with attention biases.
+BIASED_FAMILIES = ("llama-bias", "qwen3-bias")
 
 _COMMON = dict(
     hidden_size=64,
@@ -55,6 +57,10 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
         return transformers.Qwen2Config(vocab_size=vocab, tie_word_embeddings=False, **_COMMON)
     if family == "qwen3":
         return transformers.Qwen3Config(vocab_size=vocab, head_dim=24, tie_word_embeddings=False, **_COMMON)
+    if family == "llama-bias":
+        return transformers.LlamaConfig(vocab_size=vocab, attention_bias=True, mlp_bias=True, **_COMMON)
+    if family == "qwen3-bias":
+        return transformers.Qwen3Config(vocab_size=vocab, attention_bias=True, tie_word_embeddings=False, **_COMMON)
     raise ValueError(family)
 
 

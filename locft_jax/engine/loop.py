@@ -29,6 +29,7 @@ from locft_jax.engine.retain_kl import with_soft_targets
 from locft_jax.engine.step import StepSpec, make_train_step
 from locft_jax.hosts import is_primary, same_on_every_process
 from locft_jax.loading import Model
+from locft_jax.model import check_attention_span
 from locft_jax.params import Params, flatten
 from locft_jax.requests import EditRequest
 from locft_jax.sharding import (
@@ -100,6 +101,7 @@ def edit(
         model.tokenizer, requests, config.objective, config.max_length, config.on_bad_record,
         retain=retain, retain_weight=config.retain_weight,
     )
+    check_attention_span(model.config, int(ds.seq_len.max()), "the longest request (prompt + target)")
     names = trainable_names(model.config, location)
     # before the prefix cache: a bad null-space setting fails fast, not after the long part
     projectors = _projectors(model, params, location, names, config, requests, retain, preserve, preserve_subjects,
