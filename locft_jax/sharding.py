@@ -9,7 +9,9 @@ every device of every host, and the same code runs on each.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,14 +60,32 @@ def spec_for(
 def param_shardings(
     config: ModelConfig, shapes: Params, mesh: Mesh, rules: Mapping[str, str | None] = REPLICATED_RULES
 ) -> Params:
-    """A params-shaped pytree of ``NamedSharding`` (``shapes``: params or their ShapeDtypeStructs)."""
+    """A params-shaped pytree of ``NamedSharding`` (``shapes``: params or their ShapeDtypeStructs).
+
+    Warns (``UserWarning``) when a rule asks to split a dim that the mesh axis does not divide:
+    that weight stays whole on every device, which can be what makes a large model not fit.
+    """
     axes = logical_axes(config)
-    return jax.tree.map(
-        lambda ax, x: NamedSharding(mesh, spec_for(tuple(x.shape), tuple(ax), mesh, rules)),
-        axes,
-        shapes,
-        is_leaf=is_axes_leaf,
-    )
+    whole: dict[str, int] = {}  # "axis name width" → bytes kept whole on each device
+
+    def sharding(ax: tuple[str, ...], x: Any) -> NamedSharding:
+        shape = tuple(x.shape)
+        for dim, name in zip(shape, ax, strict=True):
+            mesh_axis = rules.get(name)
+            if mesh_axis is not None and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis]:
+                key = f"{name} width {dim}"
+                whole[key] = whole.get(key, 0) + int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+        return NamedSharding(mesh, spec_for(shape, tuple(ax), mesh, rules))
+
+    out = jax.tree.map(sharding, axes, shapes, is_leaf=is_axes_leaf)
+    if whole:
+        listed = ", ".join(f"{key} ({size / 2**20:.1f} MiB)" for key, size in whole.items())
+        warnings.warn(
+            f"{listed}: not divisible by the model axis ({mesh.shape.get(MODEL_AXIS, 1)} devices), "
+            "so those weights stay whole on every device",
+            stacklevel=2,
+        )
+    return out
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

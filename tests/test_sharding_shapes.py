@@ -8,8 +8,11 @@ numbers must be one device's.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file
@@ -18,8 +21,8 @@ from convert.to_hf import export_hf
 from locft_jax import load_model
 from locft_jax.engine import EditConfig, edit
 from locft_jax.generate import eos_ids, generate_ids, stop_token_mask
-from locft_jax.params import flatten
-from locft_jax.sharding import REPLICATED_RULES, TENSOR_PARALLEL_RULES, make_mesh
+from locft_jax.params import flatten, tensor_specs, unflatten
+from locft_jax.sharding import REPLICATED_RULES, TENSOR_PARALLEL_RULES, make_mesh, param_shardings
 from locft_jax.tokens import encode_prompt
 from tests.test_engine import ONE_DEVICE, REQUESTS
 from tests.tiny_models import byte_tokenizer
@@ -89,3 +92,16 @@ def test_model_parallel_8_on_uneven_heads_mlp_vocab_matches_one_device(tmp_path)
         np.testing.assert_allclose(mp_trained[name], trained[name], atol=1e-5, err_msg=name)
     assert mp_tokens == tokens
     assert mp_exported == exported
+
+
+def test_weights_a_rule_cannot_split_are_named_in_a_warning(tmp_path):
+    """vocab 262 and MLP 148 do not divide by 8: the user is told which stay whole, and how large."""
+    config = load_model(_awkward_qwen3(tmp_path / "model"), mesh=ONE_DEVICE).config
+    shapes = {n: jax.ShapeDtypeStruct(s.shape, np.float32) for n, s in tensor_specs(config).items()}
+    shapes = unflatten(shapes, config)
+    with pytest.warns(UserWarning, match=r"vocab width 262 \(0\.1 MiB\), mlp width 148 \(0\.1 MiB\): not divisible"):
+        param_shardings(config, shapes, make_mesh(8), TENSOR_PARALLEL_RULES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        param_shardings(config, shapes, make_mesh(2), TENSOR_PARALLEL_RULES)  # 262 and 148 divide by 2
+        param_shardings(config, shapes, make_mesh(8), REPLICATED_RULES)
