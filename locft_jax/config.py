@@ -19,10 +19,11 @@ class ModelConfig:
 
     Family differences are fields, not subclasses: q/k/v bias (qwen2; llama and qwen3 with
     ``attention_bias``, which also gives ``o_proj`` a bias), MLP biases (llama's ``mlp_bias``),
-    per-head q/k RMSNorm (qwen3), tied embeddings (SmolLM2, small Qwen), llama3 rope scaling
-    (Llama 3.1+). ``sliding_window``: the smallest attention window any layer uses (Mistral v0.1's
-    4096; Qwen2/3 with ``use_sliding_window``), None when every layer attends to all positions;
-    the decoder runs full attention, the same up to that many tokens, and refuses longer spans.
+    per-head q/k RMSNorm (qwen3), tied embeddings (SmolLM2, small Qwen), llama3 / linear / yarn
+    RoPE scaling (Llama 3.1+, long-context Qwen). ``sliding_window``: the smallest attention window
+    any layer uses (Mistral v0.1's 4096; Qwen2/3 with ``use_sliding_window``), None when every layer
+    attends to all positions; the decoder runs full attention, the same up to that many tokens, and
+    refuses longer spans.
     ``hf_config_json`` keeps the original HF config so an export reproduces it exactly.
     ``eos_token_ids``: the ids that end generation, as transformers' ``generate`` takes them:
     ``generation_config.json``'s ``eos_token_id`` when it has one (e.g. Qwen2.5-Instruct's two),
@@ -196,17 +197,34 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     return hf.get("rope_theta") or params.get("rope_theta") or 10000.0
 
 
+# rope_type → the keys it reads (transformers' ``modeling_rope_utils``); the first ones are required.
+_ROPE_KEYS = {
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "linear": (("factor",), ()),
+    "yarn": (
+        ("original_max_position_embeddings",),
+        ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+}
+
+
 def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or None
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"unsupported partial_rotary_factor {scaling['partial_rotary_factor']}; supported: 1.0")
     if kind == "default":
         return None
-    if kind != "llama3":
-        raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: default, llama3")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
+    if kind not in _ROPE_KEYS:
+        raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: default, {', '.join(_ROPE_KEYS)}")
+    required, optional = _ROPE_KEYS[kind]
+    missing = [k for k in required if k not in scaling]
     if missing:
-        raise ConfigError(f"llama3 rope_scaling lacks {', '.join(missing)}")
-    return {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
+        raise ConfigError(f"{kind} rope_scaling lacks {', '.join(missing)}")
+    out = {"rope_type": kind, **{k: scaling[k] for k in required}}
+    out.update({k: scaling[k] for k in optional if scaling.get(k) is not None})
+    if kind == "yarn" and "factor" not in out:  # as transformers: the context's growth
+        out["factor"] = int(hf.get("max_position_embeddings", 4096)) / scaling["original_max_position_embeddings"]
+    return out

@@ -12,6 +12,7 @@ The pass is split into the pieces the editing engine needs to run only part of t
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -47,13 +48,17 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def inv_frequencies(config: ModelConfig) -> jax.Array:
-    """RoPE inverse frequencies in float32, with llama3 scaling when configured."""
+    """RoPE inverse frequencies in float32, with the configured scaling (llama3, linear, yarn)."""
     dim = config.head_dim
     inv = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     scaling = config.rope_scaling_dict
     if scaling is None:
         return inv
     factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv / factor
+    if scaling["rope_type"] == "yarn":
+        return _yarn_frequencies(inv, scaling, config.rope_theta)
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * jnp.pi / inv
@@ -63,6 +68,42 @@ def inv_frequencies(config: ModelConfig) -> jax.Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return jnp.where(is_medium, smoothed, scaled)
+
+
+def _yarn_frequencies(inv: jax.Array, scaling: dict[str, Any], theta: float) -> jax.Array:
+    """YaRN: interpolated (``inv / factor``) below the correction range, the original above it,
+    a linear ramp between (transformers' ``_compute_yarn_parameters``)."""
+    dim = 2 * inv.shape[0]
+    old_len = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast", 32)), correction_dim(scaling.get("beta_slow", 1))
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return inv / scaling["factor"] * ramp + inv * (1 - ramp)
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor YaRN scales cos and sin by (1 for every other RoPE)."""
+    scaling = config.rope_scaling_dict
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in scaling:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = scaling["factor"]
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -88,12 +129,13 @@ def make_context(
         positions = positions_from_mask(attention_mask)
     angles = positions.astype(jnp.float32)[..., None] * inv_frequencies(config)
     angles = jnp.concatenate([angles, angles], axis=-1)
+    scale = rope_attention_factor(config)
     t = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     mask = causal[None] & attention_mask[:, None, :]
     if segments is not None:
         mask = mask & (segments[:, :, None] == segments[:, None, :])
-    return Context(jnp.cos(angles), jnp.sin(angles), mask[:, None, None])
+    return Context(jnp.cos(angles) * scale, jnp.sin(angles) * scale, mask[:, None, None])
 
 
 def check_attention_span(config: ModelConfig, tokens: int, what: str) -> None:

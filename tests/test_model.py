@@ -145,3 +145,31 @@ def test_spans_past_the_sliding_window_are_refused_and_shorter_ones_match(tmp_pa
         edit(ours, [EditRequest("Hi", "there friend")], EditConfig(layers=(1,), **FAST), mesh=ONE_DEVICE)
     with pytest.raises(ConfigError, match="a prompt with its generated tokens"):
         generate_ids(ours.params, ours.config, [list(ids[0])], np.zeros(ours.config.vocab_size, bool), max_new_tokens=8)
+
+
+@pytest.mark.parametrize(
+    "family, rope",
+    [
+        ("llama", {"rope_type": "linear", "factor": 2.0}),
+        ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+        ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0,
+                   "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False}),
+        ("mistral", {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 64}),  # 256 / 64
+    ],
+)
+def test_linear_and_yarn_rope_scaling_match_transformers(family, rope, tmp_path):
+    config = hf_config(family)
+    config.rope_parameters = {**rope, "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config.rope_scaling_dict["rope_type"] == rope["rope_type"]
+    test_logits_match_transformers_with_left_padding(tmp_path)
+
+
+def test_other_rope_types_are_refused():
+    hf = hf_config("llama").to_dict()
+    hf["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match="unsupported rope_scaling type 'dynamic'; supported: default, llama3"):
+        ModelConfig.from_hf_config(hf)
