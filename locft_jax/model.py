@@ -135,7 +135,10 @@ def make_context(
     mask = causal[None] & attention_mask[:, None, :]
     if segments is not None:
         mask = mask & (segments[:, :, None] == segments[:, None, :])
-    return Context(jnp.cos(angles) * scale, jnp.sin(angles) * scale, mask[:, None, None])
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return Context(cos, sin, mask[:, None, None])
 
 
 def check_attention_span(config: ModelConfig, tokens: int, what: str) -> None:
