@@ -38,8 +38,9 @@ def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | 
 
 
 def source_dtype(ckpt: Checkpoint) -> np.dtype:
-    """The dtype a checkpoint stores its weights in (that of its first tensor; GGUF: float32)."""
-    return np.dtype(ckpt.tensors.read(ckpt.tensors.names()[0]).dtype)
+    """The dtype a checkpoint stores its weights in: its embedding's (GGUF: float32). Not its first
+    tensor's: old Llama 2 files list float32 ``rotary_emb.inv_freq`` buffers before float16 weights."""
+    return np.dtype(ckpt.tensors.read("model.embed_tokens.weight").dtype)
 
 
 def read_params(ckpt: Checkpoint, dtype: Any, where: str) -> Params:

@@ -24,7 +24,7 @@ import numpy as np
 from convert.atomic import atomic_output_dir, check_output_dir
 from convert.cli import DTYPES, read_params, run_cli
 from convert.orbax_io import save_params
-from convert.sources import open_checkpoint
+from convert.sources import open_checkpoint, resolve_source
 from convert.to_hf import GENERATION_CONFIG, write_config_json
 from locft_jax.config import ModelConfig
 from locft_jax.params import Params
@@ -52,15 +52,16 @@ def save_checkpoint(
 
 def convert_to_orbax(src: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write ``src`` (HF dir or ``.gguf``) as a ``convert.from_hf`` directory ``out``, atomically."""
-    src = Path(src)
     check_output_dir(Path(out), overwrite)  # fail before the slow part
+    src = resolve_source(src)
     ckpt = open_checkpoint(src)
+    tokenizer = ckpt.load_tokenizer()  # before the weights, too
     params = read_params(ckpt, DTYPES[dtype], where=str(src))
     generation_config = src / GENERATION_CONFIG if src.is_dir() else None
     return save_checkpoint(
         params,
         ckpt.config,
-        ckpt.load_tokenizer(),
+        tokenizer,
         out,
         overwrite=overwrite,
         source=str(src),
@@ -70,7 +71,7 @@ def convert_to_orbax(src: str | Path, out: str | Path, dtype: str = "float32", o
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m convert.from_hf", description=__doc__.split("\n")[0])
-    parser.add_argument("src", type=Path, help="an HF model directory (safetensors) or a .gguf file")
+    parser.add_argument("src", help="an HF model directory (safetensors), a .gguf file, or a cached hub name")
     parser.add_argument("out", type=Path, help="the checkpoint directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params dtype (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -78,6 +78,11 @@ def params_from_tensors(
             raise CheckpointError(
                 f"{where}: tensor {name!r} has shape {tuple(host.shape)}, config expects {spec.shape}"
             )
+        if not jnp.issubdtype(host.dtype, jnp.floating):  # e.g. int8 weights of a quantized checkpoint
+            raise CheckpointError(
+                f"{where}: tensor {name!r} is {host.dtype}; the model needs floating-point weights "
+                "(a quantized checkpoint? use the unquantized model)"
+            )
         sharding = jax.sharding.NamedSharding(mesh, spec_for(spec.shape, spec.axes, mesh, rules))
         flat[name] = jax.make_array_from_callback(
             spec.shape, sharding, lambda index, host=host: np.asarray(host[index]).astype(dtype)
@@ -97,14 +102,16 @@ def load_model(
     mesh: Mesh | None = None,
     rules: Any = REPLICATED_RULES,
 ) -> Model:
-    """Load an HF model directory, a ``.gguf`` file, or a ``convert.from_hf`` checkpoint.
+    """Load an HF model directory, a ``.gguf`` file, or a ``convert.from_hf`` checkpoint (or a hub
+    name ``org/model`` already in the local Hugging Face cache: nothing is downloaded).
 
     ``dtype`` is the params/compute dtype (float32 or bfloat16); logits are always float32.
     """
     from convert.sources import open_checkpoint
 
     ckpt = open_checkpoint(path)
+    tokenizer = ckpt.load_tokenizer()  # before the weights: a missing tokenizer fails in seconds, not minutes
     params = params_from_tensors(
         ckpt.config, ckpt.tensors.read, ckpt.tensors.names(), dtype, mesh, rules, where=str(path)
     )
-    return Model(ckpt.config, params, ckpt.load_tokenizer(), source=str(path))
+    return Model(ckpt.config, params, tokenizer, source=str(path))

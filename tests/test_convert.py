@@ -333,6 +333,208 @@ def test_open_checkpoint_recognises_each_format(tiny_llama_dir, tmp_path):
     assert type(open_checkpoint(tiny_llama_dir).tensors).__name__ == "HFTensors"
 
 
+# ----------------------------------------------------------------------------- real HF directories
+
+
+def _copy_model(tiny_dir: Path, dst: Path, tokenizer: bool = True) -> Path:
+    dst.mkdir(parents=True)
+    for path in tiny_dir.iterdir():
+        if tokenizer or not path.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(path, dst / path.name)
+    return dst
+
+
+def _rewrite_tensors(path: Path, change) -> None:
+    """Replace the tensors of the safetensors file ``path`` with ``change(tensors)``."""
+    from safetensors.numpy import save_file
+
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+
+
+def _assert_same_params(got, want) -> None:
+    got, want = flatten(got.params), flatten(want.params)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert same_bits(np.asarray(got[name]), np.asarray(want[name])), name
+
+
+def test_float16_llama2_with_rotary_buffers_loads_and_exports_as_float16(tiny_llama_dir, tmp_path):
+    """Old Llama 2 / Vicuna safetensors: float16 weights plus float32 ``rotary_emb.inv_freq`` buffers.
+    They load (buffers ignored), and to_hf's default dtype is the weights' float16, not the buffers'."""
+    src = _copy_model(tiny_llama_dir, tmp_path / "llama2")
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+
+    def old_style(tensors):
+        out = {name: value.astype(np.float16) for name, value in tensors.items()}
+        for i in range(layers):
+            out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+        return out
+
+    _rewrite_tensors(src / "model.safetensors", old_style)
+    ours = load_model(src)
+    assert ours.params["model"]["norm"]["weight"].dtype == jnp.float32
+    assert run_cli(to_hf_main, [str(src), str(tmp_path / "export")]) == 0
+    exported = HFTensors(tmp_path / "export")
+    assert {str(exported.dtype(name)) for name in exported.names()} == {"float16"}
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in exported.names()
+
+
+@pytest.mark.parametrize("lm_head", ["equal", "different"])
+def test_tied_checkpoint_that_stores_lm_head(lm_head, tmp_path):
+    """Llama 3.2 1B / Qwen2.5-0.5B style (tied): an ``lm_head.weight`` in the file too is accepted
+    when it equals the embedding, refused otherwise."""
+    from tests.tiny_models import save_tiny_model
+
+    src = save_tiny_model("llama3-tied", tmp_path / "tied")
+    reference = load_model(src)
+
+    def with_head(tensors):
+        head = tensors["model.embed_tokens.weight"].copy()
+        head[0, 0] += lm_head == "different"
+        return {**tensors, "lm_head.weight": head}
+
+    _rewrite_tensors(src / "model.safetensors", with_head)
+    if lm_head == "equal":
+        _assert_same_params(load_model(src), reference)
+    else:
+        with pytest.raises(CheckpointError, match="lm_head.weight differs from embed_tokens"):
+            load_model(src)
+
+
+def test_stale_index_next_to_model_safetensors_loads_like_transformers(tiny_llama_dir, tmp_path):
+    """save_pretrained sharded, then unsharded into the same directory: the shards are deleted but the
+    index stays. transformers reads ``model.safetensors`` first; so must we."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    src = tmp_path / "resaved"
+    model.save_pretrained(src, max_shard_size="50KB")
+    assert (src / INDEX_NAME).is_file()
+    model.save_pretrained(src)
+    assert (src / INDEX_NAME).is_file() and (src / "model.safetensors").is_file()
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(src)
+    load_hf(src)
+    _assert_same_params(load_model(src), load_model(tiny_llama_dir))
+
+
+@pytest.fixture
+def sharded_copy(tiny_llama_dir, tmp_path) -> Path:
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    return tmp_path / "sharded"
+
+
+def test_index_listing_a_missing_shard_is_a_clear_error(sharded_copy):
+    shard = sorted(sharded_copy.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}: file not found.*listed in .*{INDEX_NAME}"):
+        HFTensors(sharded_copy)
+
+
+def test_index_naming_a_tensor_absent_from_its_shard_is_a_clear_error(sharded_copy):
+    index = json.loads((sharded_copy / INDEX_NAME).read_text())
+    name, file = next(iter(index["weight_map"].items()))
+    _rewrite_tensors(sharded_copy / file, lambda tensors: {k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(CheckpointError, match=f"{INDEX_NAME}.*{name}.*{file}.*does not contain it"):
+        HFTensors(sharded_copy)
+
+
+def test_bin_only_checkpoint_is_a_clear_error(tiny_llama_dir, tmp_path):
+    src = _copy_model(tiny_llama_dir, tmp_path / "bin")
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not read")
+    proc = run_module("convert.from_hf", src, tmp_path / "out")
+    assert proc.returncode == 2 and "only pickle .bin weights" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["no config", "config not an object", "extras"])
+def test_config_json_is_required_and_other_files_are_ignored(kind, tiny_llama_dir, tmp_path):
+    src = _copy_model(tiny_llama_dir, tmp_path / "model")
+    if kind == "extras":  # what a hub download also holds: none of it is read
+        (src / "README.md").write_text("# model card")
+        (src / "original").mkdir()
+        (src / "original" / "consolidated.00.pth").write_bytes(b"pickle")
+        (src / "generation_config.json").unlink()
+        _assert_same_params(load_model(src), load_model(tiny_llama_dir))
+        return
+    if kind == "no config":
+        (src / "config.json").unlink()
+        expected = "config.json: file not found"
+    else:
+        (src / "config.json").write_text("[]")
+        expected = "config.json: not a model config"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(src)
+
+
+@pytest.mark.parametrize("kind", ["F8_E4M3", "I8", "quantization_config"])
+def test_quantized_weights_are_a_clear_error(kind, tiny_llama_dir, tmp_path):
+    """FP8 / int8 / GPTQ-style checkpoints: refused with a message naming the cause, never cast."""
+    src = _copy_model(tiny_llama_dir, tmp_path / "quantized")
+    weights = src / "model.safetensors"
+    name = "model.layers.0.mlp.up_proj.weight"
+    if kind == "F8_E4M3":
+        _rewrite_header(weights, lambda h: {**h, name: {**h[name], "dtype": "F8_E4M3"}})
+        expected = f"{name}.*unsupported dtype 'F8_E4M3'"
+    elif kind == "I8":
+        _rewrite_tensors(weights, lambda t: {**t, name: t[name].astype(np.int8)})
+        expected = f"{name}.*int8.*floating-point"
+    else:
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+        (src / "config.json").write_text(json.dumps(config))
+        expected = "quantized.*'gptq'"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(src)
+
+
+def test_missing_tokenizer_is_a_clear_error_before_the_weights_are_read(tiny_llama_dir, tmp_path, monkeypatch):
+    src = _copy_model(tiny_llama_dir, tmp_path / "no-tokenizer", tokenizer=False)
+    (src / "generation_config.json").unlink()  # optional: its absence is fine
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights read before the tokenizer was found")
+
+    monkeypatch.setattr(HFTensors, "read", no_weights)
+    with pytest.raises(CheckpointError, match=f"{src}: .*tokenizer"):
+        load_model(src)
+    with pytest.raises(CheckpointError, match=f"{src}: .*tokenizer"):
+        convert_to_orbax(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, model_dir: Path) -> None:
+    """``model_dir`` as the hub cache holds a downloaded repo: blobs, a snapshot of symlinks, refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for i, path in enumerate(sorted(model_dir.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def test_hub_name_loads_from_the_local_cache_or_fails_clearly_and_quickly(tiny_llama_dir, tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someone/tiny-llama", tiny_llama_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # for the CLI's subprocess
+    monkeypatch.chdir(tmp_path)
+    _assert_same_params(load_model("someone/tiny-llama"), load_model(tiny_llama_dir))
+
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="meta-llama/Llama-3.1-8B.*not in the local Hugging Face cache.*download"):
+        load_model("meta-llama/Llama-3.1-8B")
+    assert time.monotonic() - start < 5
+    proc = run_module("convert.from_hf", "meta-llama/Llama-3.1-8B", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "download" in proc.stderr, proc.stderr
+
+
 # ----------------------------------------------------------------------------- atomic output
 
 
