@@ -41,7 +41,7 @@ from convert.hf_reader import INDEX_NAME, SINGLE_NAME, HFTensors
 from convert.orbax_io import is_locft_checkpoint
 from convert.patch import make_patch, same_bits, write_over_base
 from convert.safetensors_io import write_safetensors_streaming
-from convert.sources import open_checkpoint
+from convert.sources import open_checkpoint, resolve_source
 from locft_jax.config import ModelConfig
 from locft_jax.hosts import is_primary
 from locft_jax.params import Params, flatten, tensor_specs
@@ -223,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m convert.to_hf", description=__doc__.split("\n")[0])
     parser.add_argument("ckpt", type=Path, help="a convert.from_hf directory, an HF directory or a .gguf file")
     parser.add_argument("out", type=Path, help="the HF model directory to write")
-    parser.add_argument("--base", type=Path, help="the unedited model: shards to reuse, or to diff against")
+    parser.add_argument(
+        "--base", help="the unedited model (HF dir or cached hub name): shards to reuse, or to diff against"
+    )
     parser.add_argument("--only-changed", action="store_true", help="write only the tensors that differ from --base")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="export dtype (default: CKPT's)")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
@@ -232,18 +234,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.only_changed and args.base is None:
         parser.error("--only-changed needs --base")
     check_output_dir(args.out, args.overwrite)  # before minutes of loading
-    if args.base is not None and not args.base.exists():
-        raise CheckpointError(f"{args.base}: no such file or directory")
+    base = None if args.base is None else resolve_source(args.base)
     ckpt = open_checkpoint(args.ckpt)
+    tokenizer = None if args.only_changed else ckpt.load_tokenizer()  # a patch has none; else before the weights
     dtype = EXPORT_DTYPES[args.dtype] if args.dtype else source_dtype(ckpt)
     params = read_params(ckpt, dtype, where=str(args.ckpt))
-    generation_config = _generation_config_of(args.base, args.ckpt if args.ckpt.is_dir() else None)
+    generation_config = _generation_config_of(base, args.ckpt if args.ckpt.is_dir() else None)
     export_hf(
         params,
         ckpt.config,
-        None if args.only_changed else ckpt.load_tokenizer(),  # a patch has no tokenizer
+        tokenizer,
         args.out,
-        base=args.base,
+        base=base,
         only_changed=args.only_changed,
         max_shard_bytes=args.max_shard_bytes,
         overwrite=args.overwrite,
