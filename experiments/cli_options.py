@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.pipeline import EVAL_STYLES
+from experiments.presets import NONE
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate.unrelated import Fact, load_facts
 
@@ -21,7 +22,7 @@ def add_model_data_options(parser: argparse.ArgumentParser, default_edits: int |
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="edit requests: file, glob or hub name")
     parser.add_argument("--format", default="auto", help="data format (auto-detected by default)")
-    parser.add_argument("--edits", type=int, default=default_edits, help="use the first N requests")
+    parser.add_argument("--edits", type=positive_int, default=default_edits, help="use the first N requests")
     parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
 
 
@@ -67,7 +68,8 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["lr=1e-3", "layers=(3, 4)"]`` → typed values (Python literals, else strings)."""
+    """``["lr=1e-3", "layers=(3, 4)"]`` → typed values (Python literals, else strings; None as
+    ``presets.NONE``, so that it replaces the preset's value)."""
     fields = {f.name for f in dataclasses.fields(EditConfig)}
     out: dict[str, Any] = {}
     for item in items:
@@ -77,15 +79,43 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if key not in fields:
             raise ValueError(f"--set {key}: unknown field; valid: {', '.join(sorted(fields))}")
         try:
-            out[key] = ast.literal_eval(raw)
+            value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            out[key] = raw
+            value = raw
+        value = NONE if value is None else value  # None given is a value, not "not given"
+        if key in out:
+            _agree(f"--set {key}=", out[key], f"--set {key}=", value, key)
+        out[key] = value
     return out
 
 
+FLAGS = {"layers": "--layer", "module": "--module", "epochs": "--epochs", "batch_size": "--batch-size",
+         "lr": "--lr", "pipeline": "--pipeline"}
+
+
 def edit_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The EditConfig fields given on the command line (flags, then ``--set``)."""
-    flags = {k: getattr(args, k, None) for k in ("layers", "module", "epochs", "batch_size", "lr", "pipeline")}
+    """The EditConfig fields given on the command line: flags and ``--set`` (two values for one
+    field that differ are an error)."""
+    flags = {k: getattr(args, k, None) for k in FLAGS}
     if flags["layers"] is not None:
         flags["layers"] = tuple(flags["layers"])
-    return {**{k: v for k, v in flags.items() if v is not None}, **parse_sets(args.set)}
+    sets = parse_sets(args.set)
+    for key, value in sets.items():
+        if flags.get(key) is not None:
+            _agree(f"{FLAGS[key]} ", flags[key], f"--set {key}=", value, key)
+    return {**{k: v for k, v in flags.items() if v is not None}, **sets}
+
+
+def _agree(first: str, a: Any, second: str, b: Any, key: str) -> None:
+    a, b = _normal(key, a), _normal(key, b)
+    if a != b:
+        raise ValueError(f"{first}{a!r} and {second}{b!r} disagree; give {key} once")
+
+
+def _normal(key: str, value: Any) -> Any:
+    """``value`` as EditConfig holds it (``[3]`` and ``3`` as ``(3,)`` for layers), to compare two given values."""
+    value = None if value is NONE else value
+    try:
+        return getattr(EditConfig(**{key: value}), key)
+    except ValueError:  # an invalid value: compared as given, and named later by EditConfig
+        return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from experiments.cli_options import (
     add_edit_options,
@@ -14,8 +15,9 @@ from experiments.cli_options import (
     load_job_facts,
 )
 from experiments.pipeline import load_job_model, load_job_requests, new_run_dir, run_edit_job
-from experiments.presets import edit_config
+from experiments.presets import edit_config, given, preset_values
 from locft_jax.augment import preserve_texts, retain_requests
+from locft_jax.config import ModelConfig
 from locft_jax.data import load_requests, load_texts
 from locft_jax.engine import EditConfig
 from locft_jax.evaluate import markdown_table
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(args.out, "edit", args.resume)
     model = load_job_model(args.model, args.dtype)
     if args.resume:  # the saved config wins, so the resumed run is the same run
-        config = EditConfig.from_dict(json.loads((run_dir / "config.json").read_text())["edit_config"])
+        config = resumed_config(run_dir, model.config, args)
     else:
         config = edit_config(model.config, args.preset, **edit_overrides(args))
     if (preserve or preserve_prompts) and not config.null_space_tol:  # before answering the prompts
@@ -71,3 +73,30 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(out.evaluation))
     print(f"run directory: {run_dir}")
     return 0
+
+
+def resumed_config(run_dir: Path, model_config: ModelConfig, args: argparse.Namespace) -> EditConfig:
+    """The run's saved EditConfig; options on the command line that would change it are an error, not ignored."""
+    saved = saved_config(run_dir / "config.json")
+    asked = {**(preset_values(args.preset, model_config) if args.preset else {}), **given(edit_overrides(args))}
+    wanted = EditConfig.from_dict({**saved.to_dict(), **asked})
+    changed = [f"{k}={getattr(wanted, k)!r} (the run has {getattr(saved, k)!r})"
+               for k in asked if getattr(wanted, k) != getattr(saved, k)]
+    if changed:
+        raise ValueError(f"--resume continues the run in {run_dir} with its saved settings; the command line asks "
+                         f"for {', '.join(changed)}: drop those options, or start a new run in another --out")
+    return saved
+
+
+def saved_config(path: Path) -> EditConfig:
+    """The EditConfig a run directory's ``config.json`` holds; errors name the file."""
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("edit_config"), dict):
+        raise ValueError(f"{path}: no 'edit_config': not an edit run's config.json (--resume needs one)")
+    try:
+        return EditConfig.from_dict(values["edit_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -75,9 +75,25 @@ def preset_values(name: str, config: ModelConfig) -> dict[str, Any]:
     return values
 
 
+class _ExplicitNone:
+    def __repr__(self) -> str:
+        return "None"
+
+
+# An override whose value is None itself (``--set layers=None``), replacing the preset's value; a
+# plain None override means "not given".
+NONE: Any = _ExplicitNone()
+
+
+def given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that were given (plain None dropped), with ``NONE`` as None."""
+    return {k: None if v is NONE else v for k, v in overrides.items() if v is not None}
+
+
 def edit_config(config: ModelConfig, preset: str | None = None, **overrides: Any) -> EditConfig:
-    """The preset (named, or found by the model's shape) with ``overrides`` (None values ignored)."""
+    """The preset (named, or found by the model's shape) with ``overrides`` (None values ignored;
+    ``NONE`` sets the field to None)."""
     name = preset or preset_for(config)
     values = preset_values(name, config) if name else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(given(overrides))
     return EditConfig.from_dict(values)

@@ -160,6 +160,11 @@ def test_edit_cli_takes_neighbour_subjects_for_the_subject_scoped_null_space(tin
         (["--set", "lr=abc"], "EditConfig.lr must be a number, got 'abc'"),
         (["--set", "packing=false"], "EditConfig.packing must be True or False, got 'false'"),
         (["--set", "layers=2.5"], "EditConfig.layers must be an int or a list of ints, got 2.5"),
+        (["--set", "module=None"], "EditConfig.module must be a str, got None"),  # not the preset's, silently
+        (["--lr", "inf"], "EditConfig.lr must be a finite number > 0, got inf"),
+        (["--set", "lr=1e999"], "EditConfig.lr must be a finite number > 0, got inf"),
+        (["--set", "seed=-1"], "EditConfig.seed must be >= 0, got -1"),
+        (["--set", "retain_weight=-1"], "EditConfig.retain_weight must be a finite number >= 0"),
         (["--preserve-prompts", str(ROOT / "experiments" / "data" / "preserve_facts.txt")],
          "--preserve/--preserve-prompts need the null space: add --set null_space_tol=1e-3"),
     ],
@@ -232,3 +237,126 @@ def test_a_failed_start_removes_only_what_the_run_wrote(tiny_llama_dir, tmp_path
         run_edit_job(model, load_requests(DATA, limit=2).requests, EditConfig(layers=(99,)), run_dir, job={})
     assert sorted(p.name for p in run_dir.iterdir()) == ["log.jsonl", "notes.txt"]
     assert (run_dir / "log.jsonl").read_text() == "my own log\n"
+
+
+def test_edit_cli_edits_must_be_positive(tiny_llama_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "-1",
+              "--out", str(tmp_path / "r")])
+    assert "--edits: must be >= 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_edit_cli_out_that_is_a_file_is_one_clear_line(tiny_llama_dir, tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
+    code = main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2",
+                 "--out", str(mine)])
+    assert code == 2  # was a NotADirectoryError traceback
+    assert f"{mine}: exists and is not a directory" in capsys.readouterr().err
+    assert mine.read_text() == "keep me"
+
+
+def test_edit_cli_set_none_replaces_the_presets_value(tiny_llama_dir, tmp_path):
+    """``--set layers=None`` is the library's default layer (the reference's relative depth), not
+    silently the preset's layer."""
+    out = tmp_path / "r"
+    assert main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2", "--epochs", "1",
+                 "--general-facts", "", "--styles", "teacher_forced", "--preset", "smollm2-135m",
+                 "--set", "layers=None", "--set", "prefix_cache_device_bytes=None", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["edit_config"]
+    assert config["layers"] is None and config["module"] == "mlp" and config["prefix_cache_device_bytes"] is None
+
+
+def test_edit_cli_resume_refuses_other_settings_and_keeps_the_runs_config(tiny_llama_dir, tmp_path, capsys):
+    """--resume continues the saved run: options that would change it are an error (they were silently
+    ignored), and a refused resume leaves config.json as the run wrote it (it was overwritten first)."""
+    out = tmp_path / "r"
+    command = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2", "--layer", "2",
+               "--epochs", "1", "--general-facts", "", "--styles", "teacher_forced", "--out", str(out)]
+    assert main(command) == 0
+    saved = (out / "config.json").read_text()
+    capsys.readouterr()
+    assert main([*command, "--resume", "--epochs", "3", "--set", "seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues the run" in err and "epochs=3 (the run has 1)" in err and "seed=1 (the run has 0)" in err
+    assert main([*command, "--resume", "--edits", "3"]) == 2  # other data: the checkpoint's fingerprint refuses
+    assert "checkpoint is from a different run" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == saved
+    assert main([*command, "--resume"]) == 0  # the same options, given again, agree with the run
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_resumed_runs_log_has_each_epoch_once(tiny_llama_dir, tmp_path, monkeypatch):
+    """Killed after an epoch's log line but before its checkpoint was final: the resumed run redoes that
+    epoch, and log.jsonl is the checkpoint's log plus the new epochs (it had the redone epoch twice)."""
+    from locft_jax.engine import checkpoint
+
+    real_save = checkpoint.save_state
+
+    def killed_at_epoch_1(root, epoch, *args):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_save(root, epoch, *args)
+
+    command = ["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2", "--layer", "2",
+               "--epochs", "3", "--set", "early_stop_loss=0", "--general-facts", "", "--styles", "teacher_forced",
+               "--out", str(tmp_path / "r")]
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_state", killed_at_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            main(command)
+    assert main([*command, "--resume"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [('{"name": "locations"}', "no 'edit_config': not an edit run's config"),  # was a KeyError traceback
+     ("garbage", "not valid JSON"),
+     ('{"edit_config": {"lr": "x"}}', "EditConfig.lr must be a number")],
+)
+def test_edit_cli_resume_of_a_directory_without_an_edit_config_names_the_file(tiny_llama_dir, tmp_path, capsys,
+                                                                             text, message):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    code = main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2", "--resume",
+                 "--out", str(run)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.json'}: " in err and message in err
+    assert (run / "config.json").read_text() == text and [p.name for p in run.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--lr", "1e-3", "--set", "lr=2e-3"], "--lr 0.001 and --set lr=0.002 disagree"),
+     (["--layer", "2", "--set", "layers=[3]"], "--layer (2,) and --set layers=(3,) disagree"),
+     (["--set", "seed=1", "--set", "seed=2"], "--set seed=1 and --set seed=2 disagree")],
+)
+def test_edit_cli_conflicting_values_of_one_field_are_an_error(tiny_llama_dir, tmp_path, capsys, extra, message):
+    """Two values for one field were resolved silently (the last --set won)."""
+    code = main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2",
+                 "--out", str(tmp_path / "r"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--data", "--general-facts", "--preserve", "--retain"])
+@pytest.mark.parametrize("kind", ["binary", "directory"])
+def test_edit_cli_an_input_that_is_not_text_names_the_file(tiny_llama_dir, tmp_path, capsys, option, kind):
+    """A directory was an IsADirectoryError traceback (--general-facts, --preserve), a binary file an
+    unnamed "'utf-8' codec can't decode" line."""
+    bad = tmp_path / "input"
+    if kind == "binary":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n\xf0\x28\x8c\x28" * 8)
+    else:
+        bad.mkdir()
+    code = main(["edit", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "2",
+                 "--set", "null_space_tol=1e-3", option, str(bad), "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and ("not UTF-8 text" if kind == "binary" else "directory") in err
+    assert not (tmp_path / "r").exists()

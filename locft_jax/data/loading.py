@@ -176,7 +176,13 @@ def _to_request(entry: RawEntry, convert: Converter) -> EditRequest:
 
 def load_texts(path: str | os.PathLike[str]) -> list[str]:
     """Plain-text passages, one per non-empty line (e.g. texts for ``edit(..., preserve=...)``)."""
-    texts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if Path(path).is_dir():
+        raise RequestError(f"{path}: is a directory; expected a text file, one passage per line")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    texts = [line for line in text.splitlines() if line.strip()]
     if not texts:
         raise RequestError(f"{path}: no text (expected one passage per line)")
     return texts

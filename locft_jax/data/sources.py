@@ -61,8 +61,11 @@ def open_sources(source: str | os.PathLike[str], split: str = "train") -> list[S
 
 def file_source(path: Path) -> Source:
     """The records of one file; the suffix picks the reader (unknown suffix: sniff JSON vs JSONL)."""
-    text = path.read_text(encoding="utf-8-sig")
     label = str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise RequestError(f"{label}: the file is empty")
     suffix = path.suffix.lower()

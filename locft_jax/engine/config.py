@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -23,8 +24,11 @@ class EditConfig:
     ``layers``: layer indices (negative counts from the top); ``None`` puts the reference's
     Llama-3-8B layer (22 of 32) at the same relative depth. ``module``: what trains in each.
     ``skip_step_loss``: skip a step whose batch loss is below it; ``early_stop_loss``: stop when an
-    epoch's mean loss is below it (0 disables either). ``norm_constraint``: FT-M's L∞ bound on the
-    change of each trained weight (0 = off). ``prefix_cache``: exact cache of the frozen layers below.
+    epoch's mean loss is below it (0 disables either; depth-first: a request's steps stop once its
+    loss is below it, and the next request starts). ``norm_constraint``: FT-M's L∞ bound on the
+    change of each trained weight (0 = off; depth-first, as EasyEdit's sequential FT: on each
+    request's change, around the weights it started from). ``prefix_cache``: exact cache of the
+    frozen layers below.
     ``prefix_cache_device_bytes``: the largest cache kept on device, else it stays on the host (None:
     half an accelerator's free memory, 2 GiB on CPU; ``prefix_cache.device_budget``).
     ``packing``: lay a batch's requests end to end in a few rows instead of one padded row each
@@ -101,8 +105,24 @@ class EditConfig:
                 raise ValueError(f"EditConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.head_chunk) < 0:
             raise ValueError(f"EditConfig.head_chunk must be >= 0 (0 = plain head), got {self.head_chunk!r}")
-        if not self.lr > 0:
-            raise ValueError(f"EditConfig.lr must be > 0, got {self.lr!r}")
+        for name in ("seed", "warmup_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"EditConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.prefix_cache_device_bytes is not None and int(self.prefix_cache_device_bytes) < 0:
+            raise ValueError(f"EditConfig.prefix_cache_device_bytes must be >= 0 or None, "
+                             f"got {self.prefix_cache_device_bytes!r}")
+        # an infinite lr trains non-finite weights from a finite loss; below 0 a clip, bound, threshold
+        # or tolerance would silently mean off, and a retain weight gradient ascent
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"EditConfig.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("skip_step_loss", "early_stop_loss", "grad_clip", "norm_constraint", "retain_weight",
+                     "null_space_tol"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"EditConfig.{name} must be a finite number >= 0 (0 = off), got {value!r}")
+        if not 0 <= self.early_stop_reliability <= 1:
+            raise ValueError(f"EditConfig.early_stop_reliability must be between 0 and 1 (0 = off), "
+                             f"got {self.early_stop_reliability!r}")
 
     def _check_types(self) -> None:
         """Each field holds its default's kind of value (a string where a number belongs is named here,

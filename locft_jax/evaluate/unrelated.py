@@ -42,8 +42,12 @@ class Fact:
 
 def load_facts(path: str | os.PathLike[str]) -> list[Fact]:
     """A JSON list of ``{"prompt": ..., "answer": ...}``; errors name the file, record and field."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory; expected a JSON file of {{'prompt', 'answer'}} records")
     try:
-        records = json.loads(Path(path).read_text())
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(records, list) or not records:
