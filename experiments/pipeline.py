@@ -47,6 +47,8 @@ def new_run_dir(out: str | Path | None, name: str, resume: bool = False) -> Path
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: not a run directory (no config.json) to resume")
         return path
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory (--out names the run directory)")
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path}: already exists and is not empty (use --resume to continue that run)")
     barrier("new_run_dir")
@@ -57,7 +59,39 @@ def new_run_dir(out: str | Path | None, name: str, resume: bool = False) -> Path
 def load_job_model(path: str | None, dtype: str = "float32") -> Model:
     from convert.embedded import smollm2_gguf_path
 
-    return load_model(path or smollm2_gguf_path(), dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    source = model_source(path) if path else smollm2_gguf_path()
+    return load_model(source, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+
+
+def model_source(path: str | Path) -> str | Path:
+    """``path``, or for an edit run directory (``edit --out DIR``) the model it left: ``DIR/hf``."""
+    run = Path(path).expanduser()
+    if _edit_run_record(run) is None:
+        return path
+    if not (run / "hf" / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: an edit run directory without an HF export (DIR/hf: the run was not given "
+                                f"--export-hf, or has not finished); pass a model, or a run that exported one")
+    return run / "hf"
+
+
+def edit_lineage(source: str | Path) -> list[dict[str, Any]]:
+    """The edit runs a model came from, newest first: for a run's export ``DIR/hf``, that run's model,
+    data, edits and edit config, then the runs its own model came from (empty for any other model)."""
+    export = Path(source)
+    record = _edit_run_record(export.parent) if export.name == "hf" else None
+    if record is None:
+        return []
+    keys = ("model", "data", "edits", "edit_config")
+    return [{"run_dir": str(export.parent), **{k: record.get(k) for k in keys}}, *record.get("edited_from", [])]
+
+
+def _edit_run_record(run: Path) -> dict[str, Any] | None:
+    """``run/config.json`` when ``run`` is an edit run's directory, else None."""
+    try:
+        record = json.loads((run / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("edit_config"), dict) else None
 
 
 def load_job_requests(args: Any) -> list[EditRequest]:
@@ -101,10 +135,14 @@ def run_edit_job(
     """
     scored = eval_sample(requests, eval_limit)
     job = {**job, "evaluated": len(scored)}
+    lineage = edit_lineage(model.source)  # incremental editing: the runs that edited this model before
+    if lineage:
+        job["edited_from"] = lineage
     primary = is_primary()  # multi-host: every process computes, process 0 writes
     created = [run_dir / name for name in ("config.json", "log.jsonl", "checkpoints") if not (run_dir / name).exists()]
-    if primary:
-        write_text_atomic(run_dir / "config.json", json.dumps({**job, "edit_config": config.to_dict()}, indent=2))
+    run_config = json.dumps({**job, "edit_config": config.to_dict()}, indent=2)
+    if primary and not resume:  # a resumed run's config.json is rewritten once its checkpoint accepted the run
+        write_text_atomic(run_dir / "config.json", run_config)
     pre = snapshot(model.params, model.config, model.tokenizer, scored, styles)
     pre_facts = fact_snapshot(model.params, model.config, model.tokenizer, facts) if facts else None
     try:
@@ -116,6 +154,8 @@ def run_edit_job(
         if primary and not resume and latest_state(run_dir / "checkpoints") is None:
             _clear_failed_start(created)
         raise
+    if primary and resume:
+        write_text_atomic(run_dir / "config.json", run_config)
     evaluation = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre, styles=styles)
     evaluation.add_metrics(action_metrics(model.params, result.trainable, model.config, model.tokenizer, scored))
     if pre_facts is not None:

@@ -32,6 +32,7 @@ from experiments.cli_options import add_edit_options, add_model_data_options, ad
 from experiments.pipeline import eval_sample, load_job_model, load_job_requests, new_run_dir
 from experiments.presets import edit_config
 from locft_jax.engine import EditConfig, EditResult, edit
+from locft_jax.engine.checkpoint import fingerprint
 from locft_jax.evaluate import EvalResult, Metric, evaluate_requests, snapshot
 from locft_jax.evaluate.capability import perplexity
 from locft_jax.evaluate.metrics import LABELS
@@ -177,6 +178,8 @@ class Job:
     synthetic: int  # how many of ``requests`` are synthetic facts (the last ones)
     base: EditConfig  # preset + command-line overrides; variants change a field or two of it
     scoring: Scoring
+    # with --resume: the earlier config.json, written back if its rows are refused (``run``)
+    _resumed_config: str | None = dataclasses.field(default=None, init=False, repr=False)
 
     def save_config(self, variants: Sequence[Variant], **extra: Any) -> None:
         """``config.json``: the arguments and every variant's full configuration (enough to re-run)."""
@@ -193,21 +196,27 @@ class Job:
             "variants": [v.to_json() for v in variants],
             **extra,
         }
+        path = self.run_dir / "config.json"
+        if getattr(self.args, "resume", False) and path.exists():
+            self._resumed_config = path.read_text()  # put back if the kept rows turn out to be of another run
         if is_primary():  # multi-host: process 0 writes the run's files
-            write_text_atomic(self.run_dir / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+            write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
 
     def run(
         self,
         variants: Sequence[Variant],
         requests: list[EditRequest] | None = None,
         pre_row: dict | None = None,
-        on_evaluated: Callable[[Variant, EvalResult], None] | None = None,
+        on_evaluated: Callable[[Variant, EvalResult], dict[str, Any] | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Edit and score each variant on ``requests`` (default: the job's).
 
         ``pre_row``: fields of a first row scoring the unedited model; ``on_evaluated`` sees each
-        variant's full evaluation (per-request scores), which the rows only summarise. Each row is
-        also appended to ``rows.jsonl`` as soon as it exists.
+        variant's full evaluation (per-request scores), which the rows only summarise; the fields it
+        returns join the variant's row (so a row kept by ``--resume`` still has them). Each row is
+        also appended to ``rows.jsonl`` as soon as it exists, with the fingerprint of its settings
+        (``settings``): ``--resume`` keeps a row only for the same model, requests, edit config and
+        scoring, and refuses to mix in a row of other settings.
         """
         requests = self.requests if requests is None else requests
         scored = eval_sample(requests, self.scoring.eval_sample)
@@ -216,7 +225,10 @@ class Job:
         rows, pre_metrics = [], None
         finished = self.finished_rows()
         for k, variant in enumerate(variants, 1):
+            settings = self.row_settings(variant, requests)
             if variant.label in finished:
+                if finished[variant.label].get("settings") != settings:
+                    self._refuse_other_settings(variant.label)
                 print(f"[{self.name}] {k}/{len(variants)} {variant.label}: kept from rows.jsonl", flush=True)
                 rows.append(finished[variant.label])
                 continue
@@ -224,12 +236,11 @@ class Job:
             result = variant.edit(model, requests)
             evaluation = evaluate_requests(result.params, model.config, model.tokenizer, scored, pre=pre, styles=styles)
             pre_metrics = evaluation.pre
-            if on_evaluated is not None:
-                on_evaluated(variant, evaluation)
+            extra = on_evaluated(variant, evaluation) if on_evaluated is not None else None
             rows.append({
                 "run": variant.label, **variant.fields, **metric_columns(evaluation.post),
                 "perplexity": self.perplexity(result.params), "evaluated": len(scored),
-                **timing(result, variant.config, len(requests)),
+                **timing(result, variant.config, len(requests)), **(extra or {}), "settings": settings,
             })
             if is_primary():
                 with open(self.run_dir / "rows.jsonl", "a") as f:  # kept if a later, bigger variant fails
@@ -241,6 +252,23 @@ class Job:
             rows.insert(0, {"run": "unedited", **pre_row, **metric_columns(pre_metrics),
                             "perplexity": self.pre_perplexity, "evaluated": len(scored)})
         return rows
+
+    def row_settings(self, variant: Variant, requests: list[EditRequest]) -> str:
+        """The fingerprint of what a variant's row depends on: model, dtype, requests, its edit
+        config (and LoRA), scoring. Equal fingerprints: a kept row belongs in this run's table."""
+        return fingerprint(
+            self.name, self.args.model or "embedded:SmolLM2-135M-Instruct", getattr(self.args, "dtype", None),
+            variant.to_json(), [dataclasses.asdict(r) for r in requests], dataclasses.asdict(self.scoring),
+        )
+
+    def _refuse_other_settings(self, label: str) -> None:
+        if is_primary() and self._resumed_config is not None:
+            write_text_atomic(self.run_dir / "config.json", self._resumed_config)  # it describes the kept rows
+        raise ValueError(
+            f"{self.run_dir / 'rows.jsonl'}: the row of {label!r} comes from a run with other settings (model, "
+            f"data, --edits, edit config or scoring); --resume keeps only rows of the same run: drop the changed "
+            f"options, or start a new run in another --out"
+        )
 
     def finished_rows(self) -> dict[str, dict[str, Any]]:
         """With ``--resume``: the rows an interrupted run already wrote, by variant label."""

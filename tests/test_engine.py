@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,6 +236,19 @@ def test_norm_constraint_bounds_the_change(tiny):
     assert 0 < delta.max() <= eps + 1e-7
 
 
+def test_depth_first_norm_constraint_bounds_each_request_from_its_own_start(tiny):
+    """EasyEdit's sequential FT clamps each request's change around the weights that request started
+    from (``weights_copy`` is taken per ``execute_ft`` call), so the run's total change may pass eps."""
+    eps, name = 1e-4, "model.layers.2.mlp.down_proj.weight"
+    cfg = EditConfig(layers=(2,), pipeline="df", norm_constraint=eps, **{**FAST, "lr": 1e-2, "epochs": 3})
+    one = np.asarray(edit(tiny, REQUESTS[:1], cfg, mesh=ONE_DEVICE).trainable[name])
+    two = np.asarray(edit(tiny, REQUESTS[:2], cfg, mesh=ONE_DEVICE).trainable[name])
+    w0 = np.asarray(flatten(tiny.params)[name])
+    assert 0 < np.abs(one - w0).max() <= eps + 1e-7  # the first request: within eps of the model
+    assert 0 < np.abs(two - one).max() <= eps + 1e-7  # the second: within eps of where it started
+    assert np.abs(two - w0).max() > 1.5 * eps  # not clamped around the run's start
+
+
 @pytest.mark.parametrize("pipeline,objective", [("bf", "ft-l"), ("df", "ft-m")])
 def test_other_pipelines_and_objectives_reduce_the_loss(tiny, pipeline, objective):
     cfg = EditConfig(layers=(2,), pipeline=pipeline, objective=objective, **{**FAST, "lr": 1e-2, "epochs": 6})
@@ -287,6 +302,33 @@ def test_unknown_layer_or_module_lists_the_valid_choices(tiny):
         edit(tiny, REQUESTS, EditConfig(module="ffn"), mesh=ONE_DEVICE)
     with pytest.raises(LocationError, match="valid: 0..3"):
         edit(tiny, REQUESTS, EditConfig(layers=(7,)), mesh=ONE_DEVICE)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lr", float("inf"), "EditConfig.lr must be a finite number > 0, got inf"),
+        ("lr", float("nan"), "EditConfig.lr must be a finite number > 0, got nan"),
+        ("grad_clip", float("nan"), "EditConfig.grad_clip must be a finite number >= 0 (0 = off), got nan"),
+        ("grad_clip", -1.0, "EditConfig.grad_clip must be a finite number >= 0 (0 = off), got -1.0"),
+        ("norm_constraint", -0.1, "EditConfig.norm_constraint must be a finite number >= 0"),
+        ("skip_step_loss", -1.0, "EditConfig.skip_step_loss must be a finite number >= 0"),
+        ("early_stop_loss", -1e-2, "EditConfig.early_stop_loss must be a finite number >= 0"),
+        ("null_space_tol", -1e-3, "EditConfig.null_space_tol must be a finite number >= 0"),
+        ("retain_weight", -1.0, "EditConfig.retain_weight must be a finite number >= 0"),
+        ("early_stop_reliability", 1.5, "EditConfig.early_stop_reliability must be between 0 and 1"),
+        ("early_stop_reliability", -0.5, "EditConfig.early_stop_reliability must be between 0 and 1"),
+        ("seed", -1, "EditConfig.seed must be >= 0, got -1"),
+        ("warmup_steps", -3, "EditConfig.warmup_steps must be >= 0, got -3"),
+        ("prefix_cache_device_bytes", -5, "EditConfig.prefix_cache_device_bytes must be >= 0 or None, got -5"),
+    ],
+)
+def test_out_of_range_config_values_are_named(field, value, message):
+    """Caught when the config is made, not met mid-run (a negative seed: numpy's unnamed error) or
+    never (an infinite lr trained non-finite weights without a non-finite loss; negative thresholds,
+    clips and tolerances silently meant off, a negative retain weight gradient ascent)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EditConfig(**{field: value})
 
 
 def test_nan_loss_is_an_error_and_never_reaches_the_weights(tiny):

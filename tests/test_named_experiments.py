@@ -106,7 +106,7 @@ def test_an_interrupted_sweep_resumes_keeping_its_finished_variants(tiny_llama_d
     _run("batch-size", tiny_llama_dir, out, "--edits", "2", "--sizes", "1", "2", "--resume")
     assert "bs 1: kept from rows.jsonl" in capsys.readouterr().out
     rows = _results(out, ["bs 1", "bs 2"], ["batch_size"])
-    assert rows[1] == first
+    assert first.pop("settings") and rows[1] == first  # rows.jsonl: the table's row and its settings' fingerprint
 
 
 def test_lifelong_pads_with_synthetic_facts_and_compares_with_depth_first(tiny_llama_dir, tmp_path):
@@ -226,3 +226,112 @@ def test_quality_counts_each_known_neighbour_once():
             {"probes": [probe("The capital of Russia is", 0.0), probe("The capital of Chad is")]},
             {"probes": [probe("The capital of Peru is", 1.0), probe("The capital of Kenya is", 1.0)]}]
     assert distinct_known_neighbours(rows) == {"known neighbours": 3, "known neighbours kept": 2}
+
+
+def _lifelong(model_dir: Path, data: Path, out: Path, *extra: str) -> int:
+    return main(["lifelong", "--model", str(model_dir), "--data", str(data), "--epochs", "1", "--layer", "-1",
+                 "--out", str(out), "--styles", "teacher_forced", "--capability-text", "", *extra])
+
+
+def test_lifelong_resume_keeps_a_finished_variant_in_the_table_and_the_plot(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    from experiments import lifelong
+
+    plotted = []
+
+    def line_panels(path, x, panels, *args, **kwargs):
+        plotted.append(sorted(panels["reliability"]))
+        return path
+
+    monkeypatch.setattr(lifelong.plots, "line_panels", line_panels)
+    data, out = tmp_path / "one.json", tmp_path / "r"
+    data.write_text(json.dumps(json.loads(DATA.read_text())[:1]))
+    assert _lifelong(tiny_llama_dir, data, out, "--edits", "2", "--no-baseline") == 0
+    capsys.readouterr()
+    assert _lifelong(tiny_llama_dir, data, out, "--edits", "2", "--resume") == 0
+    assert "LocFT-BF: kept from rows.jsonl" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["unedited", "LocFT-BF", "FT-M depth-first"]
+    # the kept variant's reliability by position is still drawn beside the new one's
+    assert plotted[-1] == ["FT-M depth-first, teacher-forced", "LocFT-BF, teacher-forced"]
+
+
+def test_a_resumed_sweep_refuses_rows_from_other_settings(tiny_llama_dir, tmp_path, capsys):
+    """A row kept by --resume must come from the same model, requests, edit config and scoring: a table
+    of 2-edit and 3-edit runs (or two learning rates) under one header is refused, not written."""
+    data, out = tmp_path / "one.json", tmp_path / "r"
+    data.write_text(json.dumps(json.loads(DATA.read_text())[:1]))
+    assert _lifelong(tiny_llama_dir, data, out, "--edits", "2", "--no-baseline") == 0
+    config, results = (out / "config.json").read_text(), (out / "results.json").read_text()
+    capsys.readouterr()
+    for change in (["--edits", "3"], ["--edits", "2", "--lr", "0.1"], ["--edits", "2", "--eval-sample", "1"]):
+        assert _lifelong(tiny_llama_dir, data, out, *change, "--resume") == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "'LocFT-BF'" in err and "other settings" in err, err
+        # the run directory still describes the run its rows come from
+        assert (out / "config.json").read_text() == config and (out / "results.json").read_text() == results
+        assert len((out / "rows.jsonl").read_text().splitlines()) == 1
+
+
+def test_incremental_edit_runs_chain_from_a_run_directory_or_its_export(tiny_llama_dir, tmp_path, capsys):
+    """``edit --model DIR`` (an earlier edit's run directory) starts from that run's edited export; the
+    new run's config.json records the chain of runs its model came from; the replayed requests' pre-edit
+    answers are the edited model's, not the original's."""
+    records = json.loads(DATA.read_text())
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(records[:2]))
+    second.write_text(json.dumps(records[2:3] + records[:2]))  # a new edit, the earlier two replayed
+
+    def edit_run(model: Path, data: Path, out: Path, *extra: str) -> int:
+        return main(["edit", "--model", str(model), "--data", str(data), "--epochs", "2", "--layer", "-1",
+                     "--lr", "0.01", "--out", str(out), "--styles", "generation", "--general-facts", "", *extra])
+
+    assert edit_run(tiny_llama_dir, first, tmp_path / "r1", "--export-hf") == 0
+    assert edit_run(tmp_path / "r1", second, tmp_path / "r2", "--export-hf") == 0
+    assert edit_run(tmp_path / "r2" / "hf", first, tmp_path / "r3") == 0
+    chain = json.loads((tmp_path / "r3" / "config.json").read_text())["edited_from"]
+    assert [(c["run_dir"], c["model"], c["data"], c["edits"]) for c in chain] == [
+        (str(tmp_path / "r2"), str(tmp_path / "r1"), str(second), 3),
+        (str(tmp_path / "r1"), str(tiny_llama_dir), str(first), 2),
+    ]
+    assert all(c["edit_config"]["lr"] == 0.01 for c in chain)
+
+    def answers(run: Path, key: str) -> dict:
+        rows = [json.loads(line) for line in (run / "per_request.jsonl").read_text().splitlines()]
+        return {(p["kind"], p["prompt"]): p[key] for row in rows for p in row["probes"]}
+
+    after_first, before_second = answers(tmp_path / "r1", "post_answer"), answers(tmp_path / "r2", "pre_answer")
+    assert after_first != answers(tmp_path / "r1", "pre_answer")  # the first run changed answers
+    assert after_first.keys() <= before_second.keys()
+    assert {k: before_second[k] for k in after_first} == after_first
+
+    capsys.readouterr()
+    assert edit_run(tmp_path / "r3", first, tmp_path / "r4") == 2  # r3 was run without --export-hf
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'r3'}: an edit run directory without an HF export" in err, err
+
+
+def test_lifelong_edits_arriving_in_buffers_train_one_after_another_and_are_scored_on_all(tiny_llama_dir, tmp_path):
+    """``--buffer B``: the edits arrive B at a time; each buffer is trained breadth-first on the model the
+    previous one left (``--replay``: with every earlier edit again); scored once, after the last, on all."""
+    from experiments.lifelong import BufferedVariant
+    from locft_jax.engine import edit
+
+    model = load_model(tiny_llama_dir)
+    requests = synthetic_requests(3)
+    cfg = EditConfig(layers=(-1,), lr=1e-2, epochs=2, batch_size=2, skip_step_loss=0.0, early_stop_loss=0.0)
+    name = "model.layers.3.mlp.down_proj.weight"
+    for replay in (False, True):
+        result = BufferedVariant("b", cfg, {}, buffer=2, replay=replay).edit(model, requests)
+        first = edit(model, requests[:2], cfg)
+        second = edit(model.with_params(first.params), requests if replay else requests[2:], cfg)
+        np.testing.assert_allclose(np.asarray(result.trainable[name]), np.asarray(second.trainable[name]), atol=1e-6)
+        assert [(e["buffer"], e["epoch"]) for e in result.log] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    out = tmp_path / "r"
+    assert main(["lifelong", "--model", str(tiny_llama_dir), "--data", str(DATA), "--edits", "3", "--epochs", "1",
+                 "--layer", "-1", "--out", str(out), "--buffer", "2", "--no-baseline"]) == 0
+    rows = _results(out, ["LocFT-BF, buffers of 2"], ["pipeline", "buffer"])
+    assert [(r["buffer"], r["edits"], r["evaluated"], r["epochs_run"]) for r in rows[1:]] == [(2, 3, 3, 2)]
+    variant = json.loads((out / "config.json").read_text())["variants"][0]
+    assert (variant["buffer"], variant["replay"]) == (2, False)

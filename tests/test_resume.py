@@ -81,3 +81,25 @@ def test_resuming_an_early_stopped_run_does_not_train_it_further(tiny_llama_dir,
     again = edit(model, REQUESTS, cfg, checkpoint_dir=tmp_path, resume=True, mesh=ONE_DEVICE)
     assert [e["epoch"] for e in again.log] == [e["epoch"] for e in done.log] == [0]
     np.testing.assert_array_equal(np.asarray(again.trainable[NAME]), np.asarray(done.trainable[NAME]))
+
+
+def test_a_killed_depth_first_run_resumes_after_its_last_finished_request(tiny_llama_dir, tmp_path):
+    """Depth-first checkpoints after each request (its "epoch"): a resumed run trains the rest, each with a
+    fresh optimizer and its own norm bound, and ends where an uninterrupted run does."""
+    ckpt = tmp_path / "ckpt"
+    cfg = CFG.replace(pipeline="df", epochs=3, norm_constraint=1e-3)
+    config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}
+    script = KILLED_RUN.format(config=config, model=str(tiny_llama_dir), ckpt=str(ckpt))
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert latest_state(ckpt).name == "epoch_0002"  # requests 0-2 done
+
+    model = load_model(tiny_llama_dir)
+    log = tmp_path / "log.jsonl"
+    resumed = edit(model, REQUESTS, cfg, checkpoint_dir=ckpt, resume=True, mesh=ONE_DEVICE, log_path=log)
+    assert [e["epoch"] for e in resumed.log] == list(range(len(REQUESTS)))
+    assert all(e["steps"] <= cfg.epochs for e in resumed.log)
+    assert len(log.read_text().splitlines()) == len(REQUESTS)
+    straight = edit(model, REQUESTS, cfg, mesh=ONE_DEVICE)
+    np.testing.assert_allclose(np.asarray(resumed.trainable[NAME]), np.asarray(straight.trainable[NAME]), atol=1e-6)

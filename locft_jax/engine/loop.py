@@ -27,6 +27,7 @@ from locft_jax.engine.packing import PackPlan, plan_shapes
 from locft_jax.engine.prefix_cache import BatchFeeder, build_store, slots_per_batch
 from locft_jax.engine.retain_kl import with_soft_targets
 from locft_jax.engine.step import StepSpec, make_train_step
+from locft_jax.files import write_text_atomic
 from locft_jax.hosts import is_primary, same_on_every_process
 from locft_jax.loading import Model
 from locft_jax.model import check_attention_span
@@ -155,6 +156,10 @@ def edit(
         log, first_epoch = meta["log"], meta["epoch"] + 1
         if config.pipeline == "bf" and log and _stops_early(log[-1], config):
             first_epoch = config.epochs  # the run had stopped early: it is finished, not interrupted
+    if resume and log_path is not None and is_primary():
+        # the log of the epochs the checkpoint holds: a line written before a kill cut its checkpoint
+        # short belongs to an epoch that runs again, and would be there twice
+        write_text_atomic(log_path, "".join(json.dumps(entry) + "\n" for entry in log))
 
     check = None
     if config.early_stop_reliability > 0:
@@ -297,10 +302,14 @@ def _stops_early(entry: dict[str, Any], config: EditConfig) -> bool:
 def _depth_first(runner, trainable, opt_state, tx, config: EditConfig, first_epoch: int, log: list, hooks):
     """The ablation: each request trained alone to convergence (fresh Adam state), one after another.
 
-    A checkpoint after each request counts as an "epoch" of this loop, so resuming works too.
+    As EasyEdit's sequential FT, each request is its own edit: ``norm_constraint`` bounds its change
+    around the weights it started from (not the run's start). A checkpoint after each request counts
+    as an "epoch" of this loop, so resuming works too.
     """
     for index in range(first_epoch, len(runner.ds)):
         t0 = time.perf_counter()
+        if config.norm_constraint > 0:  # a copy: the step donates ``trainable``'s buffers
+            runner.base = jax.tree.map(jnp.copy, trainable)
         opt_state = jax.device_put(init_opt_state(tx, runner.params, trainable), runner.opt_shardings)
         losses, applied = [], []
         for _ in range(config.epochs):
